@@ -1,0 +1,48 @@
+"""Pure Kronecker math for SoKA: shapes, the rearrangement, KPSVD, factored apply and rank selection.
+
+Plain torch functions; nothing here imports PEFT or Axolotl.
+"""
+
+from .apply import contraction_costs, kron_apply, kron_delta
+from .kpsvd import SVD_METHODS, KPSVDResult, fix_signs, kpsvd, randomized_svd
+from .rank import (
+    COMBINE_MODES,
+    ELBOW_MODES,
+    RankDecision,
+    check_selection_args,
+    elbow_curvature,
+    elbow_kneedle,
+    energy_rank,
+    energy_shares,
+    select_rank,
+)
+from .rearrange import rearrange, rearrange_inverse
+from .shapes import SHAPE_RULES, KronShape, balanced_shape, divisors, lora_shape, resolve_shape
+
+__all__ = [
+    "COMBINE_MODES",
+    "ELBOW_MODES",
+    "SHAPE_RULES",
+    "SVD_METHODS",
+    "KPSVDResult",
+    "KronShape",
+    "RankDecision",
+    "balanced_shape",
+    "check_selection_args",
+    "contraction_costs",
+    "divisors",
+    "elbow_curvature",
+    "elbow_kneedle",
+    "energy_rank",
+    "energy_shares",
+    "fix_signs",
+    "kpsvd",
+    "kron_apply",
+    "kron_delta",
+    "lora_shape",
+    "randomized_svd",
+    "rearrange",
+    "rearrange_inverse",
+    "resolve_shape",
+    "select_rank",
+]

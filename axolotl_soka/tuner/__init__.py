@@ -1,0 +1,20 @@
+"""SoKA as a PEFT method: ``SokaConfig``, ``SokaModel`` and ``SokaLayer`` (the layout of PEFT's own tuners)."""
+
+from .config import INIT_MODES, SIGMA_MODES, SokaConfig
+from .layer import SokaLayer, SokaLinear
+from .model import SokaModel
+from .peft_type import SOKA_PEFT_TYPE
+from .register import register
+from .selection import ModuleSelection
+
+__all__ = [
+    "INIT_MODES",
+    "SIGMA_MODES",
+    "SOKA_PEFT_TYPE",
+    "ModuleSelection",
+    "SokaConfig",
+    "SokaLayer",
+    "SokaLinear",
+    "SokaModel",
+    "register",
+]

@@ -1,0 +1,146 @@
+"""``SokaConfig``: the PEFT configuration of a SoKA adapter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from peft.config import PeftConfig
+
+from ..kron.kpsvd import SVD_METHODS
+from ..kron.rank import check_selection_args
+from ..kron.shapes import SHAPE_RULES
+from .peft_type import SOKA_PEFT_TYPE
+
+INIT_MODES = ("kpsvd", "zero")
+SIGMA_MODES = ("separate", "sqrt")
+
+
+def check_shape_spec(value: Any, key: str) -> None:
+    """A factor-shape spec is ``"balanced"``, ``"lora"`` or four positive integers ``[m, n, p, q]``."""
+    if isinstance(value, str):
+        if value not in SHAPE_RULES:
+            raise ValueError(f"{key} {value!r} is unknown; allowed: {', '.join(SHAPE_RULES)} or [m, n, p, q]")
+        return
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != 4
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    ):
+        raise ValueError(
+            f"{key} must be {', '.join(SHAPE_RULES)} or four positive integers [m, n, p, q], got {value!r}"
+        )
+
+
+@dataclass
+class SokaConfig(PeftConfig):
+    """Configuration of SoKA: ``ΔW = alpha · Σ_k A_k ⊗ B_k`` per target ``nn.Linear``.
+
+    With ``init="kpsvd"`` the factors start as the top Kronecker components of the pretrained weight and the
+    frozen base becomes the residual, so the model is unchanged at step 0. The number of terms per module is
+    chosen from the KPSVD spectrum (energy threshold and elbow, clipped to ``[min_rank, max_rank]``); the chosen
+    ranks and shapes are written back to ``rank_pattern`` / ``shape_pattern`` (full module names) and saved
+    with ``resolved=True``, so loading never selects or decomposes again.
+    """
+
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Module names or a regex to adapt; None means every linear layer except the output head."
+        },
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Module names or regex to skip."}
+    )
+    layers_to_transform: list[int] | int | None = field(
+        default=None, metadata={"help": "Layer indices to adapt."}
+    )
+    layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "Name of the layer list."})
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Extra modules trained in full."}
+    )
+    energy_threshold: float = field(
+        default=0.9, metadata={"help": "τ in (0, 1]: keep the fewest terms holding this share of ‖W‖_F²."}
+    )
+    elbow_mode: str = field(
+        default="kneedle", metadata={"help": "Elbow criterion: kneedle, curvature or none."}
+    )
+    rank_combine: str = field(
+        default="min", metadata={"help": "How energy and elbow ranks combine: min, max, energy or elbow."}
+    )
+    min_rank: int = field(
+        default=1, metadata={"help": "Fewest terms per module; 0 lets a module stay unadapted."}
+    )
+    max_rank: int = field(default=8, metadata={"help": "Most terms per module."})
+    search_window: int = field(default=64, metadata={"help": "Spectrum head K searched for the elbow."})
+    init: str = field(
+        default="kpsvd", metadata={"help": "kpsvd (principal components, residual base) or zero."}
+    )
+    svd: str = field(default="lowrank", metadata={"help": "full or lowrank (seeded randomized SVD)."})
+    svd_niter: int = field(default=8, metadata={"help": "Power iterations of the randomized SVD."})
+    svd_oversample: int = field(default=10, metadata={"help": "Extra columns of the randomized SVD."})
+    seed: int = field(default=0, metadata={"help": "Seed of the randomized SVD and of zero-init factors."})
+    sigma_mode: str = field(
+        default="separate",
+        metadata={
+            "help": "separate: unit-norm factors and a trainable σ per term; sqrt: √σ folded into both."
+        },
+    )
+    alpha: float = field(default=1.0, metadata={"help": "Scale s of the update ΔW = s·Σ A_k ⊗ B_k."})
+    factor_shape: str | list[int] = field(
+        default="balanced", metadata={"help": "balanced, lora, or [m, n, p, q] with m·p = out and n·q = in."}
+    )
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input."})
+    rank_pattern: dict[str, int] = field(
+        default_factory=dict,
+        metadata={"help": "Fixed term counts per module name pattern (skips selection)."},
+    )
+    shape_pattern: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "Factor shapes per module name pattern."}
+    )
+    resolved: bool = field(
+        default=False,
+        metadata={
+            "help": "Set on save: rank_pattern and shape_pattern hold every module's final rank and shape."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = SOKA_PEFT_TYPE
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field and the allowed values for any bad setting."""
+        check_selection_args(
+            self.energy_threshold,
+            self.elbow_mode,
+            self.rank_combine,
+            self.min_rank,
+            self.max_rank,
+            self.search_window,
+        )
+        if self.init not in INIT_MODES:
+            raise ValueError(f"init {self.init!r} is unknown; allowed: {', '.join(INIT_MODES)}")
+        if self.svd not in SVD_METHODS:
+            raise ValueError(f"svd {self.svd!r} is unknown; allowed: {', '.join(SVD_METHODS)}")
+        if self.sigma_mode not in SIGMA_MODES:
+            raise ValueError(f"sigma_mode {self.sigma_mode!r} is unknown; allowed: {', '.join(SIGMA_MODES)}")
+        for name in ("svd_niter", "svd_oversample", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if not (0.0 <= float(self.dropout) < 1.0):
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if float(self.alpha) == 0.0:
+            raise ValueError("alpha must be non-zero (it scales the update ΔW = alpha·Σ A_k ⊗ B_k)")
+        check_shape_spec(self.factor_shape, "factor_shape")
+        for pattern, spec in self.shape_pattern.items():
+            check_shape_spec(spec, f"shape_pattern[{pattern!r}]")
+        for pattern, rank in self.rank_pattern.items():
+            if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+                raise ValueError(f"rank_pattern[{pattern!r}] must be a non-negative integer, got {rank!r}")

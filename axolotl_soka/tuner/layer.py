@@ -1,0 +1,257 @@
+"""``SokaLayer``: a SoKA adapter on an ``nn.Linear``.
+
+Per adapter: ``soka_A: (r, m, n)``, ``soka_B: (r, p, q)`` and, with ``sigma_mode="separate"``, ``soka_s: (r,)``.
+The update is ``ΔW = alpha · Σ_k s_k A_k ⊗ B_k`` (``s ≡ 1`` in ``sqrt`` mode), applied in the forward pass as two
+matrix products without forming ``ΔW``. With ``init="kpsvd"`` the initial factors are kept as persistent
+buffers ``soka_A0`` (σ folded in) and ``soka_B0`` and the frozen base weight holds the residual
+``W − alpha · Σ A0_k ⊗ B0_k``; loading an adapter re-residualises the base from the stored buffers (no SVD).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.utils.integrations import gather_params_ctx
+from torch import nn
+
+from ..kron.apply import kron_apply, kron_delta
+from ..kron.kpsvd import KPSVDResult
+from ..kron.shapes import KronShape
+
+
+class SokaLayer(BaseTunerLayer):
+    """State and math shared by SoKA layers; see the module docstring for the tensors and formula."""
+
+    adapter_layer_names = ("soka_A", "soka_B", "soka_s")
+    other_param_names = ("soka_A0", "soka_B0", "soka_dropout", "r", "kshape", "scaling", "sigma_mode")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.soka_A = nn.ParameterDict({})
+        self.soka_B = nn.ParameterDict({})
+        self.soka_s = nn.ParameterDict({})
+        self.soka_A0 = BufferDict({}, persistent=True)
+        self.soka_B0 = BufferDict({}, persistent=True)
+        self.soka_dropout = nn.ModuleDict({})
+        self.r: dict[str, int] = {}
+        self.kshape: dict[str, KronShape] = {}
+        self.scaling: dict[str, float] = {}
+        self.sigma_mode: dict[str, str] = {}
+        # adapter -> whether alpha·Σ A0⊗B0 is currently subtracted from the base weight (kpsvd adapters only)
+        self.soka_residual: dict[str, bool] = {}
+        self._soka_incoming: set[str] = set()
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.cast_input_dtype_enabled = True
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.kwargs = kwargs
+
+    # ------------------------------------------------------------------ creation
+    def update_layer(
+        self,
+        adapter_name: str,
+        shape: KronShape,
+        rank: int,
+        *,
+        init: str,
+        sigma_mode: str,
+        alpha: float,
+        dropout: float,
+        factors: KPSVDResult | None = None,
+        seed: int = 0,
+    ) -> None:
+        """Create the adapter's tensors.
+
+        ``factors`` (top-``rank`` KPSVD of the base weight) given and ``init="kpsvd"``: principal components,
+        base becomes the residual. ``init="zero"``: random ``A`` and zero ``B`` (ΔW = 0), base untouched.
+        ``factors`` missing with ``init="kpsvd"``: zero placeholders to be filled by loading a saved adapter;
+        the residual is applied when the stored ``soka_A0``/``soka_B0`` arrive.
+        """
+        if rank < 1:
+            raise ValueError(f"rank must be positive to create an adapter, got {rank}")
+        m, n, p, q = shape.m, shape.n, shape.p, shape.q
+        self.r[adapter_name] = rank
+        self.kshape[adapter_name] = shape
+        self.scaling[adapter_name] = float(alpha)
+        self.sigma_mode[adapter_name] = sigma_mode
+        self.soka_dropout[adapter_name] = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
+
+        sigma: torch.Tensor | None = None
+        if init == "kpsvd" and factors is not None:
+            coeff = factors.S[:rank].to(torch.float32) / float(alpha)  # ΔW0 = alpha·Σ coeff_k U_k ⊗ V_k
+            a, b = factors.A[:rank].to(torch.float32), factors.B[:rank].to(torch.float32)
+            if sigma_mode == "separate":
+                sigma = coeff
+            else:
+                root = coeff.abs().sqrt()
+                a = a * (root * torch.sign(coeff + (coeff == 0).float()))[:, None, None]
+                b = b * root[:, None, None]
+        elif init == "zero":
+            generator = torch.Generator().manual_seed(seed)
+            a = torch.randn(rank, m, n, generator=generator) / math.sqrt(n)
+            b = torch.zeros(rank, p, q)
+            sigma = torch.ones(rank) if sigma_mode == "separate" else None
+        else:  # kpsvd placeholders, filled by load_state_dict
+            a, b = torch.zeros(rank, m, n), torch.zeros(rank, p, q)
+            sigma = torch.zeros(rank) if sigma_mode == "separate" else None
+
+        self.soka_A[adapter_name] = nn.Parameter(a)
+        self.soka_B[adapter_name] = nn.Parameter(b)
+        if sigma is not None:
+            self.soka_s[adapter_name] = nn.Parameter(sigma)
+        if init == "kpsvd":
+            a0 = a * sigma[:, None, None] if sigma is not None else a
+            self.soka_A0[adapter_name] = a0.detach().clone()
+            self.soka_B0[adapter_name] = b.detach().clone()
+            self.soka_residual[adapter_name] = False
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self._keep_adapter_fp32(adapter_name)
+        if init == "kpsvd" and factors is not None:
+            self.apply_residual(adapter_name, sign=-1.0)
+        self.set_adapter(self.active_adapters)
+
+    def _keep_adapter_fp32(self, adapter_name: str) -> None:
+        """Factors and stored init factors stay fp32 (master weights); the forward casts them to the input dtype."""
+        for container in (self.soka_A, self.soka_B, self.soka_s):
+            if adapter_name in container and container[adapter_name].is_floating_point():
+                container[adapter_name].data = container[adapter_name].data.to(torch.float32)
+        for buffers in (self.soka_A0, self.soka_B0):
+            if adapter_name in buffers:
+                buffers[adapter_name] = buffers[adapter_name].to(torch.float32)
+
+    # ------------------------------------------------------------------ residual
+    def init_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``alpha · Σ A0_k ⊗ B0_k`` in fp32: ``(out, in)``."""
+        a0, b0 = self.soka_A0[adapter_name], self.soka_B0[adapter_name]
+        return self.scaling[adapter_name] * kron_delta(a0.to(torch.float32), b0.to(torch.float32))
+
+    def apply_residual(self, adapter_name: str, sign: float) -> None:
+        """Add ``sign · alpha · Σ A0⊗B0`` to the base weight in fp32 (``sign=-1`` residualises, ``+1`` restores)."""
+        weight = self.get_base_layer().weight
+        with gather_params_ctx(weight, modifier_rank=0):
+            delta = self.init_delta_weight(adapter_name).to(weight.device)
+            weight.data.copy_((weight.data.to(torch.float32) + sign * delta).to(weight.dtype))
+        self.soka_residual[adapter_name] = sign < 0
+
+    def _soka_pre_load(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        """Before loading: note adapters whose stored init factors arrive; restore the base if they differ."""
+        for adapter in list(self.soka_A0.keys()):
+            key_a, key_b = f"{prefix}soka_A0.{adapter}", f"{prefix}soka_B0.{adapter}"
+            if key_a not in state_dict or key_b not in state_dict:
+                continue
+            if self.soka_residual.get(adapter, False):
+                cur_a, cur_b = self.soka_A0[adapter], self.soka_B0[adapter]
+                new_a, new_b = state_dict[key_a], state_dict[key_b]
+                if (
+                    new_a.shape == cur_a.shape
+                    and new_b.shape == cur_b.shape
+                    and torch.equal(new_a.to(cur_a.device, cur_a.dtype), cur_a)
+                    and torch.equal(new_b.to(cur_b.device, cur_b.dtype), cur_b)
+                ):
+                    continue  # same init (e.g. resuming): the base already holds this residual
+                self.apply_residual(adapter, sign=+1.0)
+            self._soka_incoming.add(adapter)
+
+    def _soka_post_load(self, module: nn.Module, incompatible_keys: Any) -> None:
+        """After loading: residualise the base with the stored init factors that just arrived."""
+        for adapter in sorted(self._soka_incoming):
+            self.soka_A0[adapter] = self.soka_A0[adapter].to(torch.float32)
+            self.soka_B0[adapter] = self.soka_B0[adapter].to(torch.float32)
+            self.apply_residual(adapter, sign=-1.0)
+        self._soka_incoming.clear()
+
+    def check_loaded(self) -> None:
+        """Fail loudly when a kpsvd adapter built from a saved (resolved) config never received its weights."""
+        for adapter in self.active_adapters:
+            if adapter in self.soka_residual and not self.soka_residual[adapter]:
+                raise RuntimeError(
+                    f"SoKA adapter {adapter!r} was created from a saved config (resolved=True), so it expects its "
+                    "weights from a checkpoint, but none were loaded. Load it with "
+                    "peft.PeftModel.from_pretrained(model, adapter_dir), or build a new adapter from a config "
+                    "with resolved=False."
+                )
+
+    # ------------------------------------------------------------------ math
+    def effective_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A_eff, B)`` with ``A_eff = s_k · A_k`` (separate σ) so that ``ΔW = alpha · Σ A_eff_k ⊗ B_k``."""
+        a, b = self.soka_A[adapter_name], self.soka_B[adapter_name]
+        if adapter_name in self.soka_s:
+            a = a * self.soka_s[adapter_name][:, None, None]
+        return a, b
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``ΔW = alpha · Σ A_eff_k ⊗ B_k``, built in fp32 and cast to the base weight's dtype: ``(out, in)``."""
+        weight = self.get_base_layer().weight
+        a, b = self.effective_factors(adapter_name)
+        delta = self.scaling[adapter_name] * kron_delta(a.to(torch.float32), b.to(torch.float32))
+        return delta.to(weight.dtype)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the active adapters' ``ΔW`` to the base weight (after merging: plain ``nn.Linear`` cost)."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        for adapter in adapter_names:
+            if adapter not in self.soka_A:
+                continue
+            weight = self.get_base_layer().weight
+            merged = weight.data + self.get_delta_weight(adapter)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(
+                    f"NaNs detected in the merged weights; the adapter {adapter!r} seems to be broken"
+                )
+            weight.data = merged
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter's ``ΔW`` again."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if adapter in self.soka_A:
+                weight = self.get_base_layer().weight
+                weight.data -= self.get_delta_weight(adapter)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return True
+
+
+class SokaLinear(nn.Module, SokaLayer):
+    """SoKA on ``nn.Linear``: ``y = base(x) + alpha · x·(Σ_k A_eff_k ⊗ B_k)ᵀ`` for ``x: (..., in)``."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, shape: KronShape, rank: int, **kwargs: Any):
+        super().__init__()
+        SokaLayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, shape, rank, **kwargs)
+        self._register_load_state_dict_pre_hook(self._soka_pre_load)
+        self.register_load_state_dict_post_hook(self._soka_post_load)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.check_loaded()
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        out_dtype = result.dtype
+        for adapter in self.active_adapters:
+            if adapter not in self.soka_A:
+                continue
+            a, b = self.effective_factors(adapter)
+            h = self.soka_dropout[adapter](x)
+            compute_dtype = h.dtype if h.is_floating_point() else a.dtype
+            delta = kron_apply(h.to(compute_dtype), a.to(compute_dtype), b.to(compute_dtype))
+            result = result + self.scaling[adapter] * delta.to(out_dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "soka." + super().__repr__()

@@ -1,0 +1,217 @@
+"""``SokaModel``: injects SoKA layers into a model (PEFT ``BaseTuner``)."""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, _ExcludedModule, _maybe_include_all_linear_layers
+from peft.utils.integrations import gather_params_ctx
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..kron.kpsvd import kpsvd
+from ..kron.rank import RankDecision, energy_shares, select_rank
+from ..kron.shapes import KronShape, resolve_shape
+from .config import SokaConfig
+from .layer import SokaLayer, SokaLinear
+from .selection import ModuleSelection, lookup_pattern
+
+QUANTIZED_MODULE_HINTS = (
+    "bitsandbytes",
+    "bnb",
+    "gptq",
+    "awq",
+    "hqq",
+    "quanto",
+    "torchao",
+    "eetq",
+    "aqlm",
+    "fp8",
+)
+
+
+def _unsupported_reason(module: nn.Module) -> str | None:
+    """Why ``module`` cannot carry a SoKA adapter, or ``None`` when it can."""
+    cls = type(module)
+    qualname = f"{cls.__module__}.{cls.__name__}"
+    if isinstance(module, SokaLayer):
+        return None
+    if any(h in qualname.lower() for h in QUANTIZED_MODULE_HINTS) or (
+        isinstance(module, nn.Linear) and not module.weight.is_floating_point()
+    ):
+        return (
+            f"is a quantised layer ({qualname}), which SoKA does not support yet; initialise SoKA on the "
+            "full-precision model instead"
+        )
+    if not isinstance(module, nn.Linear):
+        return f"is a {qualname}, not an nn.Linear; SoKA adapts linear layers only"
+    return None
+
+
+class SokaModel(BaseTuner):
+    """Creates SoKA adapters on the target linear layers.
+
+    After injection, ``soka_selections[adapter_name]`` maps each targeted module name to its
+    :class:`ModuleSelection` (shape, rank, evidence), and the config's ``rank_pattern``/``shape_pattern``
+    hold every module's final rank and shape (``resolved=True``).
+    """
+
+    prefix: str = "soka_"
+    tuner_layer_cls = SokaLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    # ---------------------------------------------------------------- preparation
+    def _prepare_adapter_config(self, peft_config: SokaConfig, model_config: dict) -> SokaConfig:
+        if peft_config.target_modules is None:
+            peft_config.target_modules = "all-linear"
+        return peft_config
+
+    def _pre_injection_hook(self, model: nn.Module, config: SokaConfig, adapter_name: str) -> None:
+        """Validate every target (type and factor shape) before any weight changes, and plan the shapes."""
+        self.__dict__.setdefault("soka_selections", {})
+        self.__dict__.setdefault("_soka_plan", {})
+        self.__dict__.setdefault("_soka_progress", None)
+        config = self._prepare_adapter_config(config, self.get_model_config(model))
+        config = _maybe_include_all_linear_layers(config, model)
+        plan: dict[str, KronShape] = {}
+        for key, module in model.named_modules():
+            if not key or any(key.startswith(k + ".") for k in plan):
+                continue
+            matched = self._check_target_module_exists(config, key)
+            if not matched or isinstance(matched, _ExcludedModule):
+                continue
+            reason = _unsupported_reason(module)
+            if reason is not None:
+                raise ValueError(f"target module {key!r} {reason}")
+            base = module.get_base_layer() if isinstance(module, SokaLayer) else module
+            spec = lookup_pattern(config.shape_pattern, key)
+            shape = resolve_shape(
+                spec if spec is not None else config.factor_shape, base.out_features, base.in_features, key
+            )
+            if config.resolved and lookup_pattern(config.rank_pattern, key) is None:
+                raise ValueError(
+                    f"the saved SoKA config (resolved=True) has no rank for module {key!r}; it does not belong to "
+                    "this model"
+                )
+            plan[key] = shape
+        if not plan:
+            examples = [k for k, m in model.named_modules() if isinstance(m, nn.Linear)][:5]
+            raise ValueError(
+                f"target_modules {config.target_modules!r} matched no module of the model; its linear layers are "
+                f"named like {examples}"
+            )
+        self._soka_plan[adapter_name] = plan
+        self.soka_selections[adapter_name] = {}
+        self._soka_progress = tqdm(
+            total=len(plan), desc=f"SoKA init ({adapter_name})", unit="module", disable=config.resolved
+        )
+
+    # ---------------------------------------------------------------- per module
+    def _decide(
+        self, config: SokaConfig, key: str, weight: torch.Tensor, shape: KronShape
+    ) -> tuple[RankDecision, Any]:
+        """Rank and (unless loading a resolved config) the KPSVD factors for one module."""
+        fixed = lookup_pattern(config.rank_pattern, key)
+        if config.resolved:
+            return RankDecision(rank=int(fixed), decided_by="stored"), None
+        window = fixed if fixed is not None else max(config.search_window, config.max_rank)
+        with gather_params_ctx(weight):
+            result = kpsvd(
+                weight,
+                shape,
+                min(window, shape.max_rank),
+                method=config.svd,
+                niter=config.svd_niter,
+                oversample=config.svd_oversample,
+                seed=config.seed,
+            )
+        if fixed is None:
+            decision = select_rank(
+                result.S,
+                result.total_energy,
+                energy_threshold=config.energy_threshold,
+                elbow_mode=config.elbow_mode,
+                combine=config.rank_combine,
+                min_rank=config.min_rank,
+                max_rank=config.max_rank,
+                search_window=config.search_window,
+            )
+        else:
+            rank = min(int(fixed), result.rank)
+            kept = float(energy_shares(result.S, result.total_energy)[rank - 1]) if rank > 0 else 0.0
+            decision = RankDecision(
+                rank=rank,
+                decided_by="pattern",
+                energy_kept=kept,
+                total_energy=result.total_energy,
+                spectrum=[float(v) for v in result.S],
+            )
+        return decision, result
+
+    def _create_and_replace(
+        self,
+        peft_config: SokaConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **kwargs: Any,
+    ) -> None:
+        shape = self._soka_plan[adapter_name][current_key]
+        base = target.get_base_layer() if isinstance(target, SokaLayer) else target
+        decision, factors = self._decide(peft_config, current_key, base.weight, shape)
+        self.soka_selections[adapter_name][current_key] = ModuleSelection(
+            name=current_key,
+            out_features=base.out_features,
+            in_features=base.in_features,
+            shape=shape,
+            decision=decision,
+            sigma_mode=peft_config.sigma_mode,
+        )
+        if self._soka_progress is not None:
+            self._soka_progress.update(1)
+        if decision.rank == 0:
+            return  # left unadapted; reported
+        layer_kwargs = dict(
+            init=peft_config.init,
+            sigma_mode=peft_config.sigma_mode,
+            alpha=peft_config.alpha,
+            dropout=peft_config.dropout,
+            factors=factors,
+            seed=peft_config.seed ^ zlib.crc32(current_key.encode()),
+        )
+        if isinstance(target, SokaLayer):
+            target.update_layer(adapter_name, shape, decision.rank, **layer_kwargs)
+            return
+        new_module = SokaLinear(target, adapter_name, shape, decision.rank, **layer_kwargs)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _post_injection_hook(self, model: nn.Module, config: SokaConfig, adapter_name: str) -> None:
+        """Write every module's final rank and shape into the config, so saving and loading never re-select."""
+        if self._soka_progress is not None:
+            self._soka_progress.close()
+            self._soka_progress = None
+        selections = self.soka_selections.get(adapter_name, {})
+        config.rank_pattern = {name: sel.rank for name, sel in selections.items()}
+        config.shape_pattern = {name: sel.shape.as_list() for name, sel in selections.items()}
+        config.resolved = True
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        for name, param in model.named_parameters():
+            if self.prefix not in name:
+                param.requires_grad = False
+
+    # ---------------------------------------------------------------- unloading
+    def unload(self) -> nn.Module:
+        """Remove the adapters without merging and give back the original weights (residual restored)."""
+        for module in self.model.modules():
+            if isinstance(module, SokaLayer):
+                for adapter, applied in list(module.soka_residual.items()):
+                    if applied:
+                        module.apply_residual(adapter, sign=+1.0)
+        return self._unload_and_optionally_merge(merge=False)

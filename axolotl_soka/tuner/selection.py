@@ -1,0 +1,57 @@
+"""Per-module decisions recorded during initialisation (shape, rank, evidence), for reports and configs."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from ..kron.rank import RankDecision
+from ..kron.shapes import KronShape
+
+T = TypeVar("T")
+
+
+@dataclass
+class ModuleSelection:
+    """What SoKA chose for one module: ``(out, in)`` weight, factor shape, rank and the rank's evidence."""
+
+    name: str
+    out_features: int
+    in_features: int
+    shape: KronShape
+    decision: RankDecision
+    sigma_mode: str
+
+    @property
+    def rank(self) -> int:
+        return self.decision.rank
+
+    @property
+    def trainable_params(self) -> int:
+        """``r·(m·n + p·q)``, plus ``r`` for a separate σ per term."""
+        extra = self.rank if self.sigma_mode == "separate" else 0
+        return self.rank * self.shape.params_per_term + extra
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "module": self.name,
+            "out_features": self.out_features,
+            "in_features": self.in_features,
+            "shape": self.shape.as_list(),
+            "rank": self.rank,
+            "trainable_params": self.trainable_params,
+            **{k: v for k, v in self.decision.to_dict().items() if k != "rank"},
+        }
+
+
+def lookup_pattern(patterns: Mapping[str, T], key: str) -> T | None:
+    """Value for module ``key``: an exact full-name entry first, else the first pattern matching as PEFT does
+    (``(.*\\.)?pattern$``); ``None`` when nothing matches."""
+    if key in patterns:
+        return patterns[key]
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return value
+    return None
