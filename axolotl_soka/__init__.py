@@ -4,11 +4,11 @@
 and ``PeftModel.from_pretrained(model, adapter_dir)`` work.
 """
 
-from .tuner import SokaConfig, SokaLayer, SokaLinear, SokaModel, register
+from .tuner import SokaConfig, SokaLayer, SokaLinear, SokaModel, export_delta_adapter, register
 
 register()
 
-__all__ = ["SokaConfig", "SokaLayer", "SokaLinear", "SokaModel", "SokaPlugin", "register"]
+__all__ = ["SokaConfig", "SokaLayer", "SokaLinear", "SokaModel", "SokaPlugin", "export_delta_adapter", "register"]
 __version__ = "0.1.0"
 
 

@@ -1,6 +1,7 @@
 """SoKA as a PEFT method: ``SokaConfig``, ``SokaModel`` and ``SokaLayer`` (the layout of PEFT's own tuners)."""
 
 from .config import INIT_MODES, SIGMA_MODES, SokaConfig
+from .export import export_delta_adapter
 from .layer import SokaLayer, SokaLinear
 from .model import SokaModel
 from .peft_type import SOKA_PEFT_TYPE
@@ -16,5 +17,6 @@ __all__ = [
     "SokaLayer",
     "SokaLinear",
     "SokaModel",
+    "export_delta_adapter",
     "register",
 ]

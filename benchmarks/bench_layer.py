@@ -1,0 +1,212 @@
+"""Layer benchmark: SoKA vs PEFT LoRA at equal trainable parameters, against the frozen base layer.
+
+For each layer size, times forward+backward over ``--tokens`` tokens (the input requires grad, as inside a
+network), counts the bytes autograd saves for backward (activation memory) and, on CUDA, the peak memory. It
+also times KPSVD initialisation of one matrix, full vs lowrank. Prints markdown tables.
+
+    python benchmarks/bench_layer.py                       # fp32 on CPU
+    python benchmarks/bench_layer.py --device cuda --dtype bf16
+
+FLOP model (multiply-adds per token): base ``out·in`` forward and ``out·in`` backward (input grad only; the
+base is frozen). SoKA term, cheaper contraction order: ``c = min(n·p·(q+m), m·q·(n+p))`` forward and
+``2c`` backward (input and factor grads). LoRA rank: ``in + out`` forward, ``2(in + out)`` backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from torch import nn  # noqa: E402
+
+import axolotl_soka  # noqa: E402,F401  (registers SoKA with PEFT)
+from axolotl_soka import SokaConfig  # noqa: E402
+from axolotl_soka.kron import balanced_shape, contraction_costs, kpsvd  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+LAYERS = [(4096, 4096), (11008, 4096)]
+LORA_RANK = 8
+
+
+class OneLinear(nn.Module):
+    """A model holding one bias-free linear layer named ``proj``."""
+
+    def __init__(self, out_features: int, in_features: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def saved_bytes(fn: Callable[[], torch.Tensor], exclude: set[int]) -> tuple[torch.Tensor, int]:
+    """Run ``fn`` and count the bytes of tensors autograd saves for backward (deduplicated by storage),
+    leaving out the storages in ``exclude`` (the model's parameters and the input: not extra memory)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in exclude:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+def time_step(
+    model: nn.Module, x: torch.Tensor, grad: torch.Tensor, repeats: int
+) -> tuple[float, int, float]:
+    """Median seconds of forward+backward, saved-activation bytes, and CUDA peak MiB (0 on CPU)."""
+    device = x.device
+    exclude = {p.untyped_storage().data_ptr() for p in model.parameters()} | {x.untyped_storage().data_ptr()}
+
+    def step() -> int:
+        x.grad = None
+        out, nbytes = saved_bytes(lambda: model(x), exclude)
+        out.backward(grad)
+        return nbytes
+
+    for _ in range(2):
+        nbytes = step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0
+    return statistics.median(times), nbytes, peak
+
+
+def trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def bench_layers(tokens: int, dtype: torch.dtype, device: torch.device, repeats: int) -> list[dict]:
+    rows = []
+    for out_f, in_f in LAYERS:
+        torch.manual_seed(0)
+        base = OneLinear(out_f, in_f).to(device, dtype)
+        base.requires_grad_(False)
+        shape = balanced_shape(out_f, in_f)
+        lora_params = LORA_RANK * (in_f + out_f)
+        soka_rank = max(1, round(lora_params / (shape.params_per_term + 1)))
+        cost = min(contraction_costs(shape.m, shape.n, shape.p, shape.q))
+        base_macs = 2 * out_f * in_f
+        models = {
+            "frozen base": (base, 0),
+            f"LoRA r={LORA_RANK}": (
+                get_peft_model(
+                    OneLinear(out_f, in_f).to(device, dtype), LoraConfig(r=LORA_RANK, target_modules=["proj"])
+                ),
+                3 * LORA_RANK * (in_f + out_f),
+            ),
+            f"SoKA r={soka_rank} {shape.as_list()}": (
+                get_peft_model(
+                    OneLinear(out_f, in_f).to(device, dtype),
+                    SokaConfig(target_modules=["proj"], rank_pattern={"proj": soka_rank}),
+                ),
+                3 * soka_rank * cost,
+            ),
+        }
+        x = torch.randn(tokens, in_f, device=device, dtype=dtype, requires_grad=True)
+        grad = torch.randn(tokens, out_f, device=device, dtype=dtype)
+        base_time = None
+        for name, (model, extra_macs) in models.items():
+            seconds, nbytes, peak = time_step(model, x, grad, repeats)
+            base_time = seconds if base_time is None else base_time
+            flop_share = extra_macs / base_macs
+            time_share = seconds / base_time - 1.0
+            rows.append(
+                {
+                    "layer": f"{out_f}x{in_f}",
+                    "method": name,
+                    "trainable": trainable(model),
+                    "ms": seconds * 1e3,
+                    "extra_time": time_share,
+                    "extra_flops": flop_share,
+                    "ratio": (time_share / flop_share) if flop_share > 0 else float("nan"),
+                    "saved_mib": nbytes / 2**20,
+                    "peak_mib": peak,
+                }
+            )
+            del model
+    return rows
+
+
+def bench_kpsvd(device: torch.device, full: bool, rank: int = 64) -> list[dict]:
+    rows = []
+    for out_f, in_f in LAYERS:
+        torch.manual_seed(0)
+        weight = torch.randn(out_f, in_f, device=device)
+        shape = balanced_shape(out_f, in_f)
+        methods = ["lowrank", "full"] if full else ["lowrank"]
+        for method in methods:
+            kpsvd(weight[:64, :64], balanced_shape(64, 64), 4, method=method)  # warm up kernels
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            result = kpsvd(weight, shape, rank, method=method)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            rows.append(
+                {
+                    "layer": f"{out_f}x{in_f}",
+                    "R(W)": f"{shape.m * shape.n}x{shape.p * shape.q}",
+                    "method": method,
+                    "K": rank,
+                    "seconds": time.perf_counter() - start,
+                    "sigma1": float(result.S[0]),
+                }
+            )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-full-svd", action="store_true", help="skip the slow full SVDs (minutes on CPU)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    print(
+        f"torch {torch.__version__}, device {device}, dtype {args.dtype}, threads {torch.get_num_threads()}"
+    )
+    print(f"\n### Forward+backward, {args.tokens} tokens, {args.dtype}\n")
+    print(
+        "| layer | method | trainable | ms | extra time vs base | extra FLOPs vs base | time/FLOP share | saved activations MiB (besides x) | CUDA peak MiB |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in bench_layers(args.tokens, DTYPES[args.dtype], device, args.repeats):
+        print(
+            f"| {r['layer']} | {r['method']} | {r['trainable']:,} | {r['ms']:.1f} | {r['extra_time']:+.1%} | "
+            f"{r['extra_flops']:.1%} | {r['ratio']:.2f} | {r['saved_mib']:.0f} | {r['peak_mib']:.0f} |"
+        )
+    print("\n### KPSVD initialisation of one Gaussian matrix (fp32)\n")
+    print("| layer | R(W) | method | K | seconds | sigma_1 |")
+    print("|---|---|---|---:|---:|---:|")
+    for r in bench_kpsvd(device, full=not args.no_full_svd):
+        print(
+            f"| {r['layer']} | {r['R(W)']} | {r['method']} | {r['K']} | {r['seconds']:.2f} | {r['sigma1']:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
