@@ -4,11 +4,28 @@
 and ``PeftModel.from_pretrained(model, adapter_dir)`` work.
 """
 
-from .tuner import SokaConfig, SokaLayer, SokaLinear, SokaModel, export_delta_adapter, register
+from .tuner import (
+    SokaConfig,
+    SokaLayer,
+    SokaLinear,
+    SokaModel,
+    export_delta_adapter,
+    register,
+    save_adapter,
+)
 
 register()
 
-__all__ = ["SokaConfig", "SokaLayer", "SokaLinear", "SokaModel", "SokaPlugin", "export_delta_adapter", "register"]
+__all__ = [
+    "SokaConfig",
+    "SokaLayer",
+    "SokaLinear",
+    "SokaModel",
+    "SokaPlugin",
+    "export_delta_adapter",
+    "register",
+    "save_adapter",
+]
 __version__ = "0.1.0"
 
 

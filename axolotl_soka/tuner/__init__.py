@@ -6,6 +6,7 @@ from .layer import SokaLayer, SokaLinear
 from .model import SokaModel
 from .peft_type import SOKA_PEFT_TYPE
 from .register import register
+from .save import save_adapter
 from .selection import ModuleSelection
 
 __all__ = [
@@ -19,4 +20,5 @@ __all__ = [
     "SokaModel",
     "export_delta_adapter",
     "register",
+    "save_adapter",
 ]

@@ -16,12 +16,12 @@ from typing import Any
 import torch
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
-from peft.utils.integrations import gather_params_ctx
 from torch import nn
 
 from ..kron.apply import kron_apply, kron_delta
 from ..kron.kpsvd import KPSVDResult
 from ..kron.shapes import KronShape
+from .distributed import gathered
 
 
 class SokaLayer(BaseTunerLayer):
@@ -134,7 +134,7 @@ class SokaLayer(BaseTunerLayer):
     def apply_residual(self, adapter_name: str, sign: float) -> None:
         """Add ``sign · alpha · Σ A0⊗B0`` to the base weight in fp32 (``sign=-1`` residualises, ``+1`` restores)."""
         weight = self.get_base_layer().weight
-        with gather_params_ctx(weight, modifier_rank=0):
+        with gathered([weight], modifier_rank=0):
             delta = self.init_delta_weight(adapter_name).to(weight.device)
             weight.data.copy_((weight.data.to(torch.float32) + sign * delta).to(weight.dtype))
         self.soka_residual[adapter_name] = sign < 0

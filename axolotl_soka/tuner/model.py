@@ -5,16 +5,12 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
-import torch
 from peft.tuners.tuners_utils import BaseTuner, _ExcludedModule, _maybe_include_all_linear_layers
-from peft.utils.integrations import gather_params_ctx
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..kron.kpsvd import kpsvd
-from ..kron.rank import RankDecision, energy_shares, select_rank
 from ..kron.shapes import KronShape, resolve_shape
 from .config import SokaConfig
+from .initializer import decide_all
 from .layer import SokaLayer, SokaLinear
 from .selection import ModuleSelection, lookup_pattern
 
@@ -71,8 +67,7 @@ class SokaModel(BaseTuner):
     def _pre_injection_hook(self, model: nn.Module, config: SokaConfig, adapter_name: str) -> None:
         """Validate every target (type and factor shape) before any weight changes, and plan the shapes."""
         self.__dict__.setdefault("soka_selections", {})
-        self.__dict__.setdefault("_soka_plan", {})
-        self.__dict__.setdefault("_soka_progress", None)
+        self.__dict__.setdefault("_soka_inits", {})
         config = self._prepare_adapter_config(config, self.get_model_config(model))
         config = _maybe_include_all_linear_layers(config, model)
         plan: dict[str, KronShape] = {}
@@ -102,53 +97,23 @@ class SokaModel(BaseTuner):
                 f"target_modules {config.target_modules!r} matched no module of the model; its linear layers are "
                 f"named like {examples}"
             )
-        self._soka_plan[adapter_name] = plan
-        self.soka_selections[adapter_name] = {}
-        self._soka_progress = tqdm(
-            total=len(plan), desc=f"SoKA init ({adapter_name})", unit="module", disable=config.resolved
-        )
-
-    # ---------------------------------------------------------------- per module
-    def _decide(
-        self, config: SokaConfig, key: str, weight: torch.Tensor, shape: KronShape
-    ) -> tuple[RankDecision, Any]:
-        """Rank and (unless loading a resolved config) the KPSVD factors for one module."""
-        fixed = lookup_pattern(config.rank_pattern, key)
-        if config.resolved:
-            return RankDecision(rank=int(fixed), decided_by="stored"), None
-        window = fixed if fixed is not None else max(config.search_window, config.max_rank)
-        with gather_params_ctx(weight):
-            result = kpsvd(
-                weight,
-                shape,
-                min(window, shape.max_rank),
-                method=config.svd,
-                niter=config.svd_niter,
-                oversample=config.svd_oversample,
-                seed=config.seed,
+        modules = dict(model.named_modules())
+        targets = []
+        for key, shape in plan.items():
+            module = modules[key]
+            targets.append((key, module.get_base_layer() if isinstance(module, SokaLayer) else module, shape))
+        self._soka_inits[adapter_name] = decide_all(config, targets, desc=f"SoKA init ({adapter_name})")
+        self.soka_selections[adapter_name] = {
+            key: ModuleSelection(
+                name=key,
+                out_features=base.out_features,
+                in_features=base.in_features,
+                shape=shape,
+                decision=self._soka_inits[adapter_name][key].decision,
+                sigma_mode=config.sigma_mode,
             )
-        if fixed is None:
-            decision = select_rank(
-                result.S,
-                result.total_energy,
-                energy_threshold=config.energy_threshold,
-                elbow_mode=config.elbow_mode,
-                combine=config.rank_combine,
-                min_rank=config.min_rank,
-                max_rank=config.max_rank,
-                search_window=config.search_window,
-            )
-        else:
-            rank = min(int(fixed), result.rank)
-            kept = float(energy_shares(result.S, result.total_energy)[rank - 1]) if rank > 0 else 0.0
-            decision = RankDecision(
-                rank=rank,
-                decided_by="pattern",
-                energy_kept=kept,
-                total_energy=result.total_energy,
-                spectrum=[float(v) for v in result.S],
-            )
-        return decision, result
+            for key, base, shape in targets
+        }
 
     def _create_and_replace(
         self,
@@ -160,19 +125,9 @@ class SokaModel(BaseTuner):
         current_key: str,
         **kwargs: Any,
     ) -> None:
-        shape = self._soka_plan[adapter_name][current_key]
-        base = target.get_base_layer() if isinstance(target, SokaLayer) else target
-        decision, factors = self._decide(peft_config, current_key, base.weight, shape)
-        self.soka_selections[adapter_name][current_key] = ModuleSelection(
-            name=current_key,
-            out_features=base.out_features,
-            in_features=base.in_features,
-            shape=shape,
-            decision=decision,
-            sigma_mode=peft_config.sigma_mode,
-        )
-        if self._soka_progress is not None:
-            self._soka_progress.update(1)
+        shape = self.soka_selections[adapter_name][current_key].shape
+        init = self._soka_inits[adapter_name].pop(current_key)
+        decision, factors = init.decision, init.factors
         if decision.rank == 0:
             return  # left unadapted; reported
         layer_kwargs = dict(
@@ -193,9 +148,7 @@ class SokaModel(BaseTuner):
 
     def _post_injection_hook(self, model: nn.Module, config: SokaConfig, adapter_name: str) -> None:
         """Write every module's final rank and shape into the config, so saving and loading never re-select."""
-        if self._soka_progress is not None:
-            self._soka_progress.close()
-            self._soka_progress = None
+        self._soka_inits.pop(adapter_name, None)
         selections = self.soka_selections.get(adapter_name, {})
         config.rank_pattern = {name: sel.rank for name, sel in selections.items()}
         config.shape_pattern = {name: sel.shape.as_list() for name, sel in selections.items()}

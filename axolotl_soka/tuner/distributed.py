@@ -1,0 +1,56 @@
+"""Collective helpers so initialisation works on a single process, under DDP and under DeepSpeed ZeRO-3.
+
+Under ZeRO-3 every weight is partitioned (``weight.shape == (0,)``, full shape in ``weight.ds_shape``), so reading
+it needs a collective gather on *all* processes in the same order, and writing it needs ``modifier_rank`` (that
+process's values are re-partitioned to everyone on exit).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def is_partitioned(param: torch.Tensor) -> bool:
+    """True for a DeepSpeed ZeRO-3 parameter."""
+    return hasattr(param, "ds_id")
+
+
+@contextlib.contextmanager
+def gathered(params: Sequence[torch.Tensor], modifier_rank: int | None = None) -> Iterator[None]:
+    """Inside: the full data of ``params`` (collective under ZeRO-3; a no-op otherwise).
+
+    ``modifier_rank=None`` for reading; an integer for writing (that rank's values win on exit).
+    """
+    partitioned = [p for p in params if is_partitioned(p)]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
+        yield
+
+
+def process_info() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group, ``(0, 1)`` when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def broadcast_object(obj: Any, src: int) -> Any:
+    """``obj`` from process ``src`` on every process (tensors inside travel on the CPU)."""
+    _, world = process_info()
+    if world == 1:
+        return obj
+    holder = [obj]
+    device = None
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    dist.broadcast_object_list(holder, src=src, device=device)
+    return holder[0]

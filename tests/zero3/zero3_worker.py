@@ -1,0 +1,93 @@
+"""One process of a 2-process DeepSpeed ZeRO-3 run on the CPU (gloo), launched by ``test_zero3_cpu.py``.
+
+Loads a saved tiny Llama under ZeRO-3 (partitioned weights), initialises SoKA through ``get_peft_model`` (the
+code path the Axolotl plugin uses), records the decisions, factors and residual weights, trains a few steps
+through ``deepspeed.initialize``, saves the adapter (gathering only SoKA parameters) and the logits.
+Usage: ``torchrun --nproc_per_node 2 zero3_worker.py MODEL_DIR OUT_DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import deepspeed  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from peft import get_peft_model  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
+from transformers.integrations import HfDeepSpeedConfig  # noqa: E402
+
+import axolotl_soka  # noqa: E402
+from axolotl_soka import SokaConfig, SokaLayer  # noqa: E402
+from axolotl_soka.tuner.distributed import gathered  # noqa: E402
+
+DS_CONFIG = {
+    "train_micro_batch_size_per_gpu": 1,
+    "gradient_accumulation_steps": 1,
+    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    "zero_allow_untested_optimizer": True,
+    "zero_force_ds_cpu_optimizer": False,
+}
+SOKA = dict(max_rank=3, svd="full", energy_threshold=0.5, min_rank=1)
+
+
+def main(model_dir: str, out_dir: str) -> None:
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = dist.get_rank()
+    keep_alive = HfDeepSpeedConfig(DS_CONFIG)  # noqa: F841  (makes from_pretrained build under zero.Init)
+    model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    q = model.model.layers[0].self_attn.q_proj.weight
+    partitioned = bool(hasattr(q, "ds_id") and q.numel() == 0)
+    start = time.perf_counter()
+    peft_model = get_peft_model(model, SokaConfig(**SOKA))
+    init_seconds = time.perf_counter() - start
+
+    record = {}
+    for name, module in peft_model.named_modules():
+        if isinstance(module, SokaLayer):
+            base = module.get_base_layer()
+            with gathered([base.weight]):
+                record[name] = {
+                    "rank": module.r["default"],
+                    "A": module.soka_A["default"].detach().clone(),
+                    "B": module.soka_B["default"].detach().clone(),
+                    "s": module.soka_s["default"].detach().clone(),
+                    "residual": base.weight.detach().clone(),
+                }
+    if rank == 0:
+        torch.save(record, os.path.join(out_dir, "init.pt"))
+
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(
+        model=peft_model, optimizer=torch.optim.AdamW(params, lr=1e-2), config=DS_CONFIG
+    )
+    torch.manual_seed(1234)
+    batches = [torch.randint(0, 100, (1, 12)) for _ in range(2 * 4)]
+    losses = []
+    for step in range(4):
+        ids = batches[2 * step + rank]
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss))
+    engine.eval()
+    probe = torch.arange(20).reshape(2, 10) % 100
+    with torch.no_grad():
+        logits = engine(input_ids=probe).logits
+    adapter_dir = os.path.join(out_dir, "adapter")
+    axolotl_soka.save_adapter(engine.module, adapter_dir)
+    if rank == 0:
+        torch.save({"logits": logits, "probe": probe}, os.path.join(out_dir, "trained.pt"))
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"partitioned": partitioned, "init_seconds": init_seconds, "losses": losses}, f)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
