@@ -144,8 +144,11 @@ def select_rank(
     elif combine == "elbow":
         decided_by, rank = "elbow", candidates["elbow"]
     else:
-        pick = min if combine == "min" else max
-        decided_by = pick(candidates, key=lambda k: (candidates[k], k != "energy"))
+        # ties are credited to the energy criterion in both modes
+        if combine == "min":
+            decided_by = min(candidates, key=lambda k: (candidates[k], k != "energy"))
+        else:
+            decided_by = max(candidates, key=lambda k: (candidates[k], k == "energy"))
         rank = candidates[decided_by]
     if rank > max_rank:
         decided_by, rank = "max_rank", max_rank

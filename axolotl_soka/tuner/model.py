@@ -38,7 +38,7 @@ def _unsupported_reason(module: nn.Module) -> str | None:
         isinstance(module, nn.Linear) and not module.weight.is_floating_point()
     ):
         return (
-            f"is a quantised layer ({qualname}), which SoKA does not support yet; initialise SoKA on the "
+            f"is a quantised layer ({qualname}): not supported yet by SoKA; initialise SoKA on the "
             "full-precision model instead"
         )
     if not isinstance(module, nn.Linear):
@@ -64,7 +64,18 @@ class SokaModel(BaseTuner):
             peft_config.target_modules = "all-linear"
         return peft_config
 
-    def _pre_injection_hook(self, model: nn.Module, config: SokaConfig, adapter_name: str) -> None:
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        """Plan (validate, decide ranks, decompose), create the layers, then record the decisions in the config.
+
+        Overridden rather than done in PEFT's injection hooks because ``PeftModel.add_adapter`` and
+        ``load_adapter`` call ``inject_adapter`` without those hooks.
+        """
+        config = self.peft_config[adapter_name]
+        self._plan_adapter(model, config, adapter_name)
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        self._resolve_config(config, adapter_name)
+
+    def _plan_adapter(self, model: nn.Module, config: SokaConfig, adapter_name: str) -> None:
         """Validate every target (type and factor shape) before any weight changes, and plan the shapes."""
         self.__dict__.setdefault("soka_selections", {})
         self.__dict__.setdefault("_soka_inits", {})
@@ -80,6 +91,13 @@ class SokaModel(BaseTuner):
             reason = _unsupported_reason(module)
             if reason is not None:
                 raise ValueError(f"target module {key!r} {reason}")
+            if config.init == "kpsvd" and isinstance(module, SokaLayer) and module.soka_residual:
+                raise ValueError(
+                    f"module {key!r} already holds a kpsvd SoKA adapter, whose residual the base weight carries; "
+                    "a second kpsvd adapter would take its components from that residual. Add further adapters "
+                    "with init='zero', or export trained adapters with axolotl_soka.export_delta_adapter (they "
+                    "then load side by side on the original model)"
+                )
             base = module.get_base_layer() if isinstance(module, SokaLayer) else module
             spec = lookup_pattern(config.shape_pattern, key)
             shape = resolve_shape(
@@ -146,7 +164,7 @@ class SokaModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
-    def _post_injection_hook(self, model: nn.Module, config: SokaConfig, adapter_name: str) -> None:
+    def _resolve_config(self, config: SokaConfig, adapter_name: str) -> None:
         """Write every module's final rank and shape into the config, so saving and loading never re-select."""
         self._soka_inits.pop(adapter_name, None)
         selections = self.soka_selections.get(adapter_name, {})

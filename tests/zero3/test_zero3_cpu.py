@@ -87,6 +87,7 @@ def test_zero3_init_equals_single_process(zero3_run: tuple[Path, Path]) -> None:
 
 
 def test_saved_adapter_reproduces_trained_zero3_model(zero3_run: tuple[Path, Path]) -> None:
+    """On one process and on a fresh ZeRO-3 model (the resume path, no SVD allowed) alike."""
     model_dir, out_dir = zero3_run
     trained = torch.load(out_dir / "trained.pt")
     saved = json.loads((out_dir / "adapter" / "adapter_config.json").read_text())
@@ -97,6 +98,10 @@ def test_saved_adapter_reproduces_trained_zero3_model(zero3_run: tuple[Path, Pat
         logits = loaded(input_ids=trained["probe"]).logits
     scale = trained["logits"].abs().max()
     assert (logits - trained["logits"]).abs().max() <= 1e-5 * scale
+    resumed = torch.load(out_dir / "resumed.pt")["logits"]
+    assert (resumed - trained["logits"]).abs().max() <= 1e-5 * scale, (
+        "reloading under ZeRO-3 changed the outputs"
+    )
     initial = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         before = initial(input_ids=trained["probe"]).logits

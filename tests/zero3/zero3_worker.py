@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from peft import get_peft_model  # noqa: E402
+from peft import PeftModel, get_peft_model  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 from transformers.integrations import HfDeepSpeedConfig  # noqa: E402
 
@@ -84,9 +84,31 @@ def main(model_dir: str, out_dir: str) -> None:
     axolotl_soka.save_adapter(engine.module, adapter_dir)
     if rank == 0:
         torch.save({"logits": logits, "probe": probe}, os.path.join(out_dir, "trained.pt"))
+    resumed = resume_logits(model_dir, adapter_dir, probe)
+    if rank == 0:
+        torch.save({"logits": resumed}, os.path.join(out_dir, "resumed.pt"))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"partitioned": partitioned, "init_seconds": init_seconds, "losses": losses}, f)
     dist.barrier()
+
+
+def resume_logits(model_dir: str, adapter_dir: str, probe: torch.Tensor) -> torch.Tensor:
+    """Load the saved adapter onto a fresh partitioned model, as a resumed run does, with any SVD forbidden."""
+
+    def no_svd(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an SVD ran while loading a saved adapter")
+
+    model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    saved = (torch.linalg.svd, axolotl_soka.tuner.initializer.kpsvd)
+    torch.linalg.svd, axolotl_soka.tuner.initializer.kpsvd = no_svd, no_svd
+    try:
+        loaded = PeftModel.from_pretrained(model, adapter_dir)
+    finally:
+        torch.linalg.svd, axolotl_soka.tuner.initializer.kpsvd = saved
+    engine, *_ = deepspeed.initialize(model=loaded, config=DS_CONFIG)
+    engine.eval()
+    with torch.no_grad():
+        return engine(input_ids=probe).logits
 
 
 if __name__ == "__main__":
