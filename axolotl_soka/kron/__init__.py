@@ -4,6 +4,7 @@ Plain torch functions; nothing here imports PEFT or Axolotl.
 """
 
 from .apply import contraction_costs, kron_apply, kron_delta
+from .budget import BudgetItem, allocate_budget, parse_budget
 from .kpsvd import SVD_METHODS, KPSVDResult, fix_signs, kpsvd, randomized_svd
 from .rank import (
     COMBINE_MODES,
@@ -24,9 +25,11 @@ __all__ = [
     "ELBOW_MODES",
     "SHAPE_RULES",
     "SVD_METHODS",
+    "BudgetItem",
     "KPSVDResult",
     "KronShape",
     "RankDecision",
+    "allocate_budget",
     "balanced_shape",
     "check_selection_args",
     "contraction_costs",
@@ -40,6 +43,7 @@ __all__ = [
     "kron_apply",
     "kron_delta",
     "lora_shape",
+    "parse_budget",
     "randomized_svd",
     "rearrange",
     "rearrange_inverse",

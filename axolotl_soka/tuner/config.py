@@ -7,6 +7,7 @@ from typing import Any
 
 from peft.config import PeftConfig
 
+from ..kron.budget import parse_budget
 from ..kron.kpsvd import SVD_METHODS
 from ..kron.rank import check_selection_args
 from ..kron.shapes import SHAPE_RULES
@@ -98,6 +99,13 @@ class SokaConfig(PeftConfig):
     shape_pattern: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "Factor shapes per module name pattern."}
     )
+    param_budget: int | str | None = field(
+        default=None,
+        metadata={
+            "help": "Total trainable parameters (e.g. 990000 or '0.99M') shared among modules by captured energy "
+            "per parameter; each module's energy/elbow choice and max_rank act as its cap."
+        },
+    )
     resolved: bool = field(
         default=False,
         metadata={
@@ -138,6 +146,8 @@ class SokaConfig(PeftConfig):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if float(self.alpha) == 0.0:
             raise ValueError("alpha must be non-zero (it scales the update ΔW = alpha·Σ A_k ⊗ B_k)")
+        if self.param_budget is not None:
+            parse_budget(self.param_budget)
         check_shape_spec(self.factor_shape, "factor_shape")
         for pattern, spec in self.shape_pattern.items():
             check_shape_spec(spec, f"shape_pattern[{pattern!r}]")

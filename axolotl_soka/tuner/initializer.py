@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..kron.budget import BudgetItem, allocate_budget, parse_budget
 from ..kron.kpsvd import KPSVDResult, kpsvd
 from ..kron.rank import RankDecision, energy_shares, select_rank
 from ..kron.shapes import KronShape
@@ -98,4 +99,44 @@ def decide_all(
             for offset, (key, _, _) in enumerate(group):
                 results[key] = broadcast_object(local if offset == rank else None, src=offset)
             progress.update(len(group))
+    if config.param_budget is not None:
+        apply_budget(config, results, targets)
     return results
+
+
+def apply_budget(
+    config: SokaConfig, results: dict[str, ModuleInit], targets: list[tuple[str, nn.Linear, KronShape]]
+) -> None:
+    """Lower each module's rank (its per-module choice is the cap) so the total fits ``config.param_budget``.
+
+    Runs on identical inputs on every process (decisions were broadcast), so all processes agree.
+    """
+    budget = parse_budget(config.param_budget)
+    sigma_cost = 1 if config.sigma_mode == "separate" else 0
+    items = []
+    for key, _, shape in targets:
+        decision = results[key].decision
+        fixed = decision.decided_by == "pattern"
+        items.append(
+            BudgetItem(
+                spectrum=torch.tensor(decision.spectrum, dtype=torch.float64),
+                total_energy=decision.total_energy,
+                cost=shape.params_per_term + sigma_cost,
+                min_rank=decision.rank if fixed else min(config.min_rank, decision.rank),
+                cap=decision.rank,
+            )
+        )
+    ranks = allocate_budget(items, budget)
+    for (key, _, _), rank in zip(targets, ranks, strict=True):
+        init = results[key]
+        if rank == init.decision.rank:
+            continue
+        spectrum = torch.tensor(init.decision.spectrum, dtype=torch.float64)
+        init.decision.rank = rank
+        init.decision.decided_by = "budget"
+        init.decision.energy_kept = (
+            float(energy_shares(spectrum, init.decision.total_energy)[rank - 1]) if rank else 0.0
+        )
+        if init.factors is not None:
+            f = init.factors
+            init.factors = KPSVDResult(A=f.A[:rank], B=f.B[:rank], S=f.S[:rank], total_energy=f.total_energy)

@@ -1,0 +1,1 @@
+"""Head-to-head comparison of SoKA with LoRA, PiSSA and LoKr (see ``benchmarks/compare.py``)."""

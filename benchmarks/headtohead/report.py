@@ -1,0 +1,208 @@
+"""Tables, plots and the honest summary of a head-to-head benchmark."""
+
+from __future__ import annotations
+
+import math
+import platform
+import statistics
+from collections import defaultdict
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def choose_rates(grid: list[dict], methods: tuple[str, ...]) -> dict[str, float]:
+    """Per method, the grid rate with the lowest validation loss (diverged runs never win)."""
+    best: dict[str, tuple[float, float]] = {}
+    for r in grid:
+        method, lr, loss = r["config"]["method"], r["config"]["lr"], r["val_loss"]
+        loss = loss if _finite(loss) else math.inf
+        if method not in best or loss < best[method][0]:
+            best[method] = (loss, lr)
+    return {m: best[m][1] for m in methods}
+
+
+def _mean_std(values: list[float]) -> str:
+    values = [v for v in values if _finite(v)]
+    if not values:
+        return "diverged"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def _groups(final: list[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in final:
+        groups[r["name"]].append(r)
+    return groups
+
+
+def final_table(final: list[dict]) -> str:
+    lines = [
+        "| run | trainable | lr | val loss | GSM8K acc. | train loss (last 10) | grad-norm mean / std / max "
+        "| init s | s/step | peak MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, runs in sorted(_groups(final).items(), key=lambda kv: (kv[1][0]["budget"], kv[0])):
+        first = runs[0]
+        acc = [r["accuracy"] for r in runs]
+        acc_text = f"{statistics.mean(acc):.3f}" + (f" ± {statistics.stdev(acc):.3f}" if len(acc) > 1 else "")
+        tail = [statistics.mean(r["losses"][-10:]) for r in runs]
+        gn = [
+            statistics.mean([r[k] for r in runs])
+            for k in ("grad_norm_mean", "grad_norm_std", "grad_norm_max")
+        ]
+        lines.append(
+            f"| {name} | {first['trainable']:,} | {first['config']['lr']:g} | {_mean_std([r['val_loss'] for r in runs])} "
+            f"| {acc_text} ({first['n_test']} items) | {_mean_std(tail)} | {gn[0]:.3f} / {gn[1]:.3f} / {gn[2]:.3f} "
+            f"| {statistics.mean(r['init_seconds'] for r in runs):.1f} "
+            f"| {statistics.mean(r['seconds_per_step'] for r in runs):.2f} "
+            f"| {statistics.mean(r['peak_mib'] for r in runs):.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def grid_table(grid: list[dict], best: dict[str, float]) -> str:
+    rates = sorted({r["config"]["lr"] for r in grid})
+    by = {(r["config"]["method"], r["config"]["lr"]): r["val_loss"] for r in grid}
+    lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in rates) + " |", "|---|" + "---:|" * len(rates)]
+    for method in best:
+        cells = []
+        for lr in rates:
+            v = by.get((method, lr))
+            text = "" if v is None else (f"{v:.4f}" if _finite(v) else "diverged")
+            cells.append(f"**{text}**" if lr == best[method] and v is not None else text)
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def verdicts(final: list[dict]) -> list[str]:
+    """Plain sentences comparing SoKA's validation loss with LoRA's and PiSSA's at each budget."""
+    groups = _groups(final)
+    out = []
+    for name, runs in sorted(groups.items()):
+        if not name.startswith("soka-r"):
+            continue
+        rank = name.split("-r", 1)[1].split("@")[0]
+        soka = statistics.mean(r["val_loss"] for r in runs)
+        for peer in ("lora", "pissa"):
+            ref_runs = groups.get(f"{peer}-r{rank}")
+            if not ref_runs or not _finite(soka):
+                continue
+            ref = statistics.mean(r["val_loss"] for r in ref_runs)
+            gap = (soka - ref) / ref
+            word = "loses to" if soka > ref else "beats"
+            out.append(
+                f"- {name} ({runs[0]['trainable']:,} params) {word} {peer}-r{rank} "
+                f"({ref_runs[0]['trainable']:,} params) on validation loss: {soka:.4f} vs {ref:.4f} ({gap:+.1%})."
+            )
+    return out
+
+
+def plot(final: list[dict], out: Path, prefix: str) -> list[Path]:
+    groups = _groups(final)
+    budgets = sorted({r["config"]["lora_rank"] for r in final})
+    paths = []
+    for key, ylabel in (("losses", "training loss"), ("grad_norms", "gradient norm")):
+        fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 4), squeeze=False)
+        for ax, rank in zip(axes[0], budgets, strict=True):
+            for name, runs in sorted(groups.items()):
+                if runs[0]["config"]["lora_rank"] != rank:
+                    continue
+                for i, r in enumerate(runs):
+                    ys = r[key]
+                    k = 5
+                    smooth = [statistics.mean(ys[max(0, j - k + 1) : j + 1]) for j in range(len(ys))]
+                    ax.plot(smooth, label=name if i == 0 else None, alpha=0.9 if i == 0 else 0.5)
+            ax.set_title(f"budget: LoRA r={rank}")
+            ax.set_xlabel("step")
+            ax.set_ylabel(f"{ylabel} (moving mean of 5)")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"{prefix}-{key.replace('_', '-')}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for name, runs in sorted(groups.items()):
+        x = runs[0]["trainable"]
+        axes[0].scatter([x] * len(runs), [r["val_loss"] for r in runs], label=name)
+        axes[1].scatter([x] * len(runs), [r["accuracy"] for r in runs], label=name)
+    counts = [runs[0]["trainable"] for runs in groups.values()]
+    for ax, label in zip(axes, ("validation loss", "GSM8K accuracy"), strict=True):
+        ax.set_xscale("log")
+        ax.set_xlim(min(counts) / 1.3, max(counts) * 1.3)
+        ax.set_xlabel("trainable parameters")
+        ax.set_ylabel(label)
+    axes[1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path = out / f"{prefix}-vs-params.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    paths.append(path)
+    return paths
+
+
+def machine() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def write_report(
+    grid: list[dict], final: list[dict], best: dict[str, float], size: Any, out: Path, command: str,
+    docs: Path | None = None,
+) -> Path:  # fmt: skip
+    prefix = f"compare-{out.name.removeprefix('compare-')}"
+    img_dir = docs / "img" if docs else out
+    img_dir.mkdir(parents=True, exist_ok=True)
+    images = plot(final, img_dir, prefix)
+    rel = (lambda p: f"img/{p.name}") if docs else (lambda p: p.name)
+    body = "\n".join(
+        [
+            f"Command: `{command}`. Machine: {machine()}. Date: {date.today().isoformat()}.",
+            f"Setup: {size.steps} steps, batch {size.batch_size}, max length {size.max_len} tokens, "
+            f"{size.n_train} GSM8K training rows in a fixed order, validation on {size.n_val} held-out rows, "
+            f"accuracy on the first {size.n_test} GSM8K test problems (greedy, {size.max_new_tokens} new tokens), "
+            f"seeds {list(size.seeds)}. AdamW, weight decay 0, warm-up 10 % then linear decay, clip 1.0.",
+            "",
+            f"Learning-rate grid at LoRA r={size.grid_rank}'s budget (validation loss; chosen rate in bold):",
+            "",
+            grid_table(grid, best),
+            "",
+            "Final runs:",
+            "",
+            final_table(final),
+            "",
+            "Where SoKA stands:",
+            "",
+            *verdicts(final),
+            "",
+            *[f"![{p.stem}]({rel(p)})" for p in images],
+        ]
+    )
+    (out / "report.md").write_text(body + "\n")
+    if docs is not None:
+        marker = prefix
+        doc = docs / "benchmarks.md"
+        text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+        section = f"<!-- {marker}:begin -->\n{body}\n<!-- {marker}:end -->"
+        begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+        if begin in text and end in text:
+            text = text[: text.index(begin)] + section + text[text.index(end) + len(end) :]
+        else:
+            text = text.rstrip() + f"\n\n## Head-to-head on GSM8K ({out.name})\n\n{section}\n"
+        doc.write_text(text)
+    return out / "report.md"
