@@ -11,11 +11,11 @@ export TOKENIZERS_PARALLELISM := false
 .PHONY: setup demo test test-core-peft021 lint format bench clean
 
 # torch is pinned first so that pip takes the CPU build instead of downloading CUDA wheels.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install $(PIP_FLAGS) -q --upgrade pip
 	$(VENV)/bin/pip install $(PIP_FLAGS) -q torch==2.13.0
-	$(VENV)/bin/pip install $(PIP_FLAGS) -q -e '.[dev]'
+	$(VENV)/bin/pip install $(PIP_FLAGS) -q -c constraints.txt -e '.[dev]'
 	touch $@
 
 # A second environment runs the core tests on peft 0.21 (axolotl 0.19 pins peft 0.20).
