@@ -1,0 +1,147 @@
+"""Config validation of ``adapter: soka`` through Axolotl's own ``load_cfg`` (what every CLI command runs first)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import base_config, write_config
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if anything tries to build model weights."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded during config validation")
+
+    for cls in (transformers.AutoModelForCausalLM, transformers.PreTrainedModel):
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(refuse))
+
+
+@pytest.fixture
+def make_config(tiny_model_dir, gsm8k_file, tmp_path):
+    def make(**overrides):
+        return write_config(
+            base_config(tiny_model_dir, gsm8k_file, tmp_path, **overrides), tmp_path / "cfg.yml"
+        )
+
+    return make
+
+
+def load(path):
+    from axolotl.cli.config import load_cfg
+
+    return load_cfg(str(path))
+
+
+BAD_VALUES = [
+    # (overrides, fragments the message must contain)
+    ({"soka_energy_threshold": 0.0}, ["soka_energy_threshold", "0.0", "(0, 1]"]),
+    ({"soka_energy_threshold": 1.5}, ["soka_energy_threshold", "1.5", "(0, 1]"]),
+    ({"soka_elbow_mode": "elbo"}, ["soka_elbow_mode", "'elbo'", "kneedle, curvature, none"]),
+    ({"soka_rank_combine": "avg"}, ["soka_rank_combine", "'avg'", "min, max, energy, elbow"]),
+    ({"soka_min_rank": -1}, ["soka_min_rank", "-1", "non-negative integer"]),
+    ({"soka_max_rank": 0}, ["soka_max_rank", "0", "at least 1"]),
+    ({"soka_search_window": 2}, ["soka_search_window", "2", "at least 3"]),
+    ({"soka_alpha": 0.0}, ["soka_alpha", "0.0", "non-zero"]),
+    ({"soka_init": "random"}, ["soka_init", "'random'", "kpsvd, zero"]),
+    ({"soka_svd": "exact"}, ["soka_svd", "'exact'", "full, lowrank"]),
+    ({"soka_svd_niter": -2}, ["soka_svd_niter", "-2", "non-negative integer"]),
+    ({"soka_seed": -1}, ["soka_seed", "-1", "non-negative integer"]),
+    ({"soka_sigma_mode": "both"}, ["soka_sigma_mode", "'both'", "separate, sqrt"]),
+    ({"soka_factor_shape": "square"}, ["soka_factor_shape", "'square'", "balanced, lora"]),
+    ({"soka_factor_shape": [2, 2]}, ["soka_factor_shape", "[2, 2]", "four positive integers"]),
+    ({"soka_dropout": 1.0}, ["soka_dropout", "1.0", "[0, 1)"]),
+    ({"soka_rank_pattern": {"q_proj": -1}}, ["soka_rank_pattern", "q_proj", "non-negative integer"]),
+    ({"soka_shape_pattern": {"q_proj": "wide"}}, ["soka_shape_pattern", "'wide'", "balanced, lora"]),
+    ({"soka_target_modules": []}, ["soka_target_modules", "[]", "non-empty list"]),
+    ({"soka_eval_task": "humaneval"}, ["soka_eval_task", "'humaneval'", "gsm8k, math, mbpp"]),
+    ({"soka_min_rank": 5, "soka_max_rank": 2}, ["soka_min_rank (5)", "soka_max_rank (2)"]),
+    (
+        {"soka_rank_combine": "elbow", "soka_elbow_mode": "none"},
+        ["soka_rank_combine", "soka_elbow_mode", "kneedle, curvature"],
+    ),
+    ({"merge_method": "memory_efficient"}, ["merge_method", "'memory_efficient'", "legacy"]),
+    ({"load_in_8bit": True}, ["load_in_8bit", "soka", "false"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragments"),
+    BAD_VALUES,
+    ids=[",".join(f"{k}={v}" for k, v in o.items()) for o, _ in BAD_VALUES],
+)
+def test_bad_value_is_rejected_at_validation(make_config, no_model_load, overrides, fragments):
+    with pytest.raises(ValueError) as info:  # pydantic's ValidationError is a ValueError
+        load(make_config(**overrides))
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+def test_valid_config_keeps_the_keys_and_forces_legacy_merge(make_config, no_model_load):
+    cfg = load(
+        make_config(soka_energy_threshold=0.95, soka_factor_shape=[4, 8, 16, 8], soka_eval_task="gsm8k")
+    )
+    assert cfg.soka_energy_threshold == 0.95
+    assert cfg.soka_factor_shape == [4, 8, 16, 8]
+    assert cfg.soka_max_rank == 4 and cfg.soka_elbow_mode == "kneedle"  # set and default
+    assert cfg.merge_method == "legacy"
+
+
+def test_adapter_soka_without_the_plugin_fails(make_config, no_model_load):
+    with pytest.raises(ValueError, match="Adapter 'soka' is not built in.*plugins"):
+        load(make_config(plugins=None))
+
+
+def test_plugin_without_adapter_soka_warns_and_does_nothing(make_config, no_model_load, caplog):
+    from axolotl.integrations.base import PluginManager
+
+    with caplog.at_level(logging.WARNING, logger="axolotl_soka"):
+        cfg = load(make_config(adapter=None, soka_elbow_mode="bogus"))  # not checked: SoKA is off
+    assert "set `adapter: soka`" in caplog.text
+    plugin = PluginManager.get_instance().plugins["axolotl_soka.SokaPlugin"]
+    assert plugin.load_adapter(object(), cfg) is None
+    assert plugin.add_callbacks_post_trainer(cfg, object()) == []
+
+
+def test_target_modules_default_to_lora_target_modules(make_config, no_model_load):
+    from axolotl_soka.plugin.plugin import soka_config_from_cfg
+
+    cfg = load(make_config(lora_target_modules=["q_proj", "v_proj"]))
+    assert soka_config_from_cfg(cfg).target_modules == {"q_proj", "v_proj"}
+    cfg = load(make_config(lora_target_modules=["q_proj"], soka_target_modules=["o_proj"]))
+    assert soka_config_from_cfg(cfg).target_modules == {"o_proj"}
+    cfg = load(make_config())
+    config = soka_config_from_cfg(cfg)
+    assert config.target_modules is None and config.max_rank == 4 and config.svd == "full"
+
+
+def test_eval_task_is_rejected_on_sharded_runs(make_config, no_model_load):
+    ds = Path(__file__).resolve().parents[2] / "example_configs" / "deepspeed" / "zero3_bf16.json"
+    with pytest.raises(ValueError, match="soka_eval_task='gsm8k'.*ZeRO-3"):
+        load(make_config(soka_eval_task="gsm8k", deepspeed=str(ds)))
+
+
+def test_callbacks_are_wired(make_config, no_model_load, tiny_model_dir):
+    from axolotl.integrations.base import PluginManager
+    from transformers import AutoTokenizer
+
+    from axolotl_soka.eval.callback import SampleEvalCallback
+    from axolotl_soka.plugin.callbacks import SokaStatsCallback
+
+    cfg = load(make_config(soka_eval_task="gsm8k", soka_eval_samples=3, soka_eval_steps=2))
+    trainer = SimpleNamespace(
+        model=torch.nn.Linear(2, 2), processing_class=AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    )
+    plugin = PluginManager.get_instance().plugins["axolotl_soka.SokaPlugin"]
+    stats, sample_eval = plugin.add_callbacks_post_trainer(cfg, trainer)
+    assert isinstance(stats, SokaStatsCallback) and stats.stats["soka/trainable_params"] == 6
+    assert isinstance(sample_eval, SampleEvalCallback)
+    assert sample_eval.task == "gsm8k" and len(sample_eval.records) == 3 and sample_eval.every == 2
+    assert sample_eval.trainer is trainer
