@@ -109,11 +109,9 @@ class SokaPlugin(BasePlugin):
             return None
         from peft import PeftModel, get_peft_model
 
-        if config_only:
-            source = cfg.lora_model_dir or resume_checkpoint(cfg)
-            return None, self._saved_config(source) if source else soka_config_from_cfg(cfg)
-
         source = cfg.lora_model_dir or resume_checkpoint(cfg)
+        if config_only:
+            return None, self._saved_config(source) if source else soka_config_from_cfg(cfg)
         if source:
             LOG.info("Loading the SoKA adapter from %s (saved ranks and shapes; no decomposition)", source)
             peft_model = PeftModel.from_pretrained(model, str(source), is_trainable=not inference)

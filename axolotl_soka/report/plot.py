@@ -6,13 +6,18 @@ from pathlib import Path
 from typing import Any
 
 
-def pick_modules(modules: list[dict[str, Any]], count: int = 6) -> list[dict[str, Any]]:
-    """Up to ``count`` adapted modules with a spectrum, spread evenly over the model, distinct kinds first."""
+def pick_modules(modules: list[dict[str, Any]], count: int = 7) -> list[dict[str, Any]]:
+    """Up to ``count`` adapted modules with a spectrum: one per module kind (from the middle of the model), then
+    more layers spread evenly when there are fewer kinds than ``count``."""
     rows = [m for m in modules if m["adapted"] and m.get("spectrum")]
-    if len(rows) <= count:
-        return rows
-    step = (len(rows) - 1) / (count - 1)
-    return [rows[round(i * step)] for i in range(count)]
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_kind.setdefault(row["kind"], []).append(row)
+    picked = [group[len(group) // 2] for group in by_kind.values()][:count]
+    rest = [r for r in rows if r not in picked]
+    while len(picked) < count and rest:
+        picked.append(rest.pop(len(rest) // 2))
+    return picked
 
 
 def rank_grid(modules: list[dict[str, Any]]) -> tuple[list[str], list[str], list[list[float]]]:

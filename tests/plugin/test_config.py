@@ -145,3 +145,21 @@ def test_callbacks_are_wired(make_config, no_model_load, tiny_model_dir):
     assert isinstance(sample_eval, SampleEvalCallback)
     assert sample_eval.task == "gsm8k" and len(sample_eval.records) == 3 and sample_eval.every == 2
     assert sample_eval.trainer is trainer
+
+
+def test_processes_must_agree_on_ranks(monkeypatch):
+    import torch.distributed as dist
+
+    from axolotl_soka.plugin.plugin import check_ranks_agree
+
+    other = {"model.layers.0.self_attn.q_proj": 3}
+
+    def gather(out, obj):
+        out[:] = [obj, other]
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_gather_object", gather)
+    check_ranks_agree(dict(other))  # same ranks everywhere: fine
+    with pytest.raises(RuntimeError, match=r"different ranks.*q_proj: \[4, 3\].*soka_rank_pattern"):
+        check_ranks_agree({"model.layers.0.self_attn.q_proj": 4})
