@@ -120,6 +120,12 @@ def check_axolotl_keys(data: dict[str, Any]) -> None:
                 f"{key}: true is not supported with adapter: soka (SoKA initialises from full-precision "
                 f"weights); allowed: {key}: false"
             )
+    if data.get("fsdp") or data.get("fsdp_config"):
+        raise ValueError(
+            "fsdp / fsdp_config is not supported with adapter: soka yet (the SoKA initialisation writes a "
+            "residual into base weights that FSDP shards, and this path is untested); allowed: DeepSpeed "
+            "ZeRO-3, e.g. deepspeed: example_configs/deepspeed/zero3_bf16.json"
+        )
     method = data.get("merge_method")
     if method is None:
         data["merge_method"] = "legacy"

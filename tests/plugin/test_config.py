@@ -68,6 +68,7 @@ BAD_VALUES = [
     ),
     ({"merge_method": "memory_efficient"}, ["merge_method", "'memory_efficient'", "legacy"]),
     ({"load_in_8bit": True}, ["load_in_8bit", "soka", "false"]),
+    ({"fsdp_config": {"fsdp_version": 2}}, ["fsdp", "not supported with adapter: soka", "DeepSpeed ZeRO-3"]),
 ]
 
 
