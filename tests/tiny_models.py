@@ -31,13 +31,17 @@ def tiny_tokenizer():
     )
 
 
-def build_tiny_model(path: Path, hidden_size: int = 32, intermediate_size: int = 64) -> Path:
-    """Save a 2-layer random ``LlamaForCausalLM`` and its tokenizer to ``path``; returns ``path``."""
+def save_tiny_llama(
+    path: Path, tokenizer, hidden_size: int = 32, intermediate_size: int = 64, **config
+) -> Path:
+    """Save a 2-layer random ``LlamaForCausalLM`` (seed 0) for ``tokenizer`` and the tokenizer to ``path``.
+
+    Extra keyword arguments override ``LlamaConfig`` fields. Returns ``path``.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = tiny_tokenizer()
-    config = LlamaConfig(
+    settings = dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
@@ -49,7 +53,13 @@ def build_tiny_model(path: Path, hidden_size: int = 32, intermediate_size: int =
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
     )
+    settings.update(config)
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
+    LlamaForCausalLM(LlamaConfig(**settings)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def build_tiny_model(path: Path, hidden_size: int = 32, intermediate_size: int = 64) -> Path:
+    """:func:`save_tiny_llama` with the offline byte-level BPE of :func:`tiny_tokenizer`."""
+    return save_tiny_llama(path, tiny_tokenizer(), hidden_size, intermediate_size)

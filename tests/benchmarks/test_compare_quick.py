@@ -9,8 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tiny_models import build_tiny_model  # noqa: E402
+from tiny_models import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
+from tiny_models import build_tiny_model
 
 for _key, _value in {
     "HF_HUB_OFFLINE": "1",
@@ -43,54 +44,6 @@ def math500() -> list[dict]:
 def mbpp_test() -> list[dict]:
     """MBPP test split: task_id 11..510."""
     return [r for r in read_jsonl(DATA / "mbpp" / "mbpp.jsonl") if 11 <= r["task_id"] <= 510]
-
-
-def _tiny_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    texts = [
-        "Question: How many apples? Answer: 3 + 4 = 7 #### 7",
-        "Problem: Solve x. Solution: \\boxed{2}",
-        "def f(x):\n    return x + 1\n[DONE]",
-        "You are an expert Python programmer, and here is your task: Your code should pass these tests:",
-    ]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<pad>", "<eos>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
-    )
-
-
-def build_tiny_model(path: Path) -> Path:
-    """Save a tiny random Llama and its tokenizer to ``path``; returns ``path``."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = _tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+from tiny_models import save_tiny_llama
 
 for _key, _value in {
     "HF_HUB_OFFLINE": "1",
@@ -63,32 +64,15 @@ def build_tokenizer(texts: list[str]):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer random ``LlamaForCausalLM`` (hidden 64) and its tokenizer, saved as safetensors."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from axolotl_soka.prompts import build_prompt, build_target
 
-    path = tmp_path_factory.mktemp("tiny-llama")
     texts = [build_prompt("gsm8k", r) + build_target("gsm8k", r) for r in ROWS]
     texts += [build_prompt("mbpp", MBPP_ROW) + build_target("mbpp", MBPP_ROW)]
     tokenizer = build_tokenizer(texts)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_llama(
+        tmp_path_factory.mktemp("tiny-llama"), tokenizer, hidden_size=64, intermediate_size=128,
+        max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=False,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="session")
