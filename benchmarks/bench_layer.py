@@ -184,11 +184,19 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-full-svd", action="store_true", help="skip the slow full SVDs (minutes on CPU)")
+    parser.add_argument("--only", choices=["layers", "kpsvd"], help="run one of the two tables")
     args = parser.parse_args()
     device = torch.device(args.device)
     print(
         f"torch {torch.__version__}, device {device}, dtype {args.dtype}, threads {torch.get_num_threads()}"
     )
+    if args.only != "kpsvd":
+        print_layers(args, device)
+    if args.only != "layers":
+        print_kpsvd(device, full=not args.no_full_svd)
+
+
+def print_layers(args: argparse.Namespace, device: torch.device) -> None:
     print(f"\n### Forward+backward, {args.tokens} tokens, {args.dtype}\n")
     print(
         "| layer | method | trainable | ms | extra time vs base | extra FLOPs vs base | time/FLOP share | saved activations MiB (besides x) | CUDA peak MiB |"
@@ -199,10 +207,13 @@ def main() -> None:
             f"| {r['layer']} | {r['method']} | {r['trainable']:,} | {r['ms']:.1f} | {r['extra_time']:+.1%} | "
             f"{r['extra_flops']:.1%} | {r['ratio']:.2f} | {r['saved_mib']:.0f} | {r['peak_mib']:.0f} |"
         )
+
+
+def print_kpsvd(device: torch.device, full: bool) -> None:
     print("\n### KPSVD initialisation of one Gaussian matrix (fp32)\n")
     print("| layer | R(W) | method | K | seconds | sigma_1 |")
     print("|---|---|---|---:|---:|---:|")
-    for r in bench_kpsvd(device, full=not args.no_full_svd):
+    for r in bench_kpsvd(device, full=full):
         print(
             f"| {r['layer']} | {r['R(W)']} | {r['method']} | {r['K']} | {r['seconds']:.2f} | {r['sigma1']:.2f} |"
         )
