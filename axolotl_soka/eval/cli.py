@@ -2,7 +2,7 @@
 
 Examples::
 
-    python -m axolotl_soka.eval --task gsm8k --config examples/gsm8k.yml --limit 100
+    python -m axolotl_soka.eval --task gsm8k --config example_configs/demo-smollm2-gsm8k.yml --limit 100
     python -m axolotl_soka.eval --task mbpp --base-model ./model --adapter ./outputs/soka --output mbpp.json
 
 Prompts are :func:`axolotl_soka.prompts.build_prompt` (the training format); decoding is greedy and
