@@ -62,7 +62,11 @@ def run_one(spec: str, result: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
-    parser.add_argument("--model", default=str(ROOT / "outputs" / "models" / "smollm2-135m-instruct"))
+    parser.add_argument(
+        "--model",
+        default="outputs/models/smollm2-135m-instruct",
+        help="model folder; a relative path is taken from the repository root",
+    )
     parser.add_argument("--out", help="output folder (default: benchmarks/results/compare-<size>)")
     parser.add_argument("--docs", action="store_true", help="write the report into docs/benchmarks.md")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
@@ -71,7 +75,7 @@ def main() -> None:
     if args.run_one:
         run_one(args.run_one, args.result)
         return
-    if not (Path(args.model) / "config.json").exists():
+    if not (ROOT / args.model / "config.json").exists():
         raise SystemExit(
             f"--model {args.model!r} is not a model folder with config.json; prepare the demo model with "
             "`python -m axolotl_soka.demo.prepare_model` or pass a local Hugging Face model folder"

@@ -25,7 +25,8 @@ from axolotl_soka.prompts import build_prompt, build_target
 
 from .methods import MethodSpec, build, lora_budget, make_config, trainable
 
-DATA = Path(__file__).resolve().parents[2] / "data" / "gsm8k"
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO / "data" / "gsm8k"
 STOP = ["\nQuestion:", "\n\n\n"]
 
 
@@ -110,9 +111,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model_dir)
+    model_dir = REPO / cfg.model_dir  # a relative folder is taken from the repository root
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model = AutoModelForCausalLM.from_pretrained(cfg.model_dir, dtype=dtype).to(device)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
     budget = int(round(lora_budget(model, cfg.lora_rank) * cfg.fraction))
     config = make_config(model, cfg.spec, cfg.seed)
     start = time.perf_counter()
