@@ -110,20 +110,22 @@ class SokaLayer(BaseTunerLayer):
             self.soka_A0[adapter_name] = a0.detach().clone()
             self.soka_B0[adapter_name] = b.detach().clone()
             self.soka_residual[adapter_name] = False
-        self._move_adapter_to_device_of_base_layer(adapter_name)
-        self._keep_adapter_fp32(adapter_name)
+        self._place_adapter(adapter_name)
         if init == "kpsvd" and factors is not None:
             self.apply_residual(adapter_name, sign=-1.0)
         self.set_adapter(self.active_adapters)
 
-    def _keep_adapter_fp32(self, adapter_name: str) -> None:
-        """Factors and stored init factors stay fp32 (master weights); the forward casts them to the input dtype."""
+    def _place_adapter(self, adapter_name: str) -> None:
+        """Move the adapter's tensors to the base layer's device, in fp32 (master weights; the forward casts
+        them to the input dtype). PEFT's ``_move_adapter_to_device_of_base_layer`` would also cast them to the
+        base dtype, rounding the factors to bf16 on a bf16 base. Meta tensors (empty-weight loading) stay."""
+        device = self.get_base_layer().weight.device
         for container in (self.soka_A, self.soka_B, self.soka_s):
-            if adapter_name in container and container[adapter_name].is_floating_point():
-                container[adapter_name].data = container[adapter_name].data.to(torch.float32)
+            if adapter_name in container and container[adapter_name].device.type != "meta":
+                container[adapter_name].data = container[adapter_name].data.to(device, torch.float32)
         for buffers in (self.soka_A0, self.soka_B0):
-            if adapter_name in buffers:
-                buffers[adapter_name] = buffers[adapter_name].to(torch.float32)
+            if adapter_name in buffers and buffers[adapter_name].device.type != "meta":
+                buffers[adapter_name] = buffers[adapter_name].to(device, torch.float32)
 
     # ------------------------------------------------------------------ residual
     def init_delta_weight(self, adapter_name: str) -> torch.Tensor:

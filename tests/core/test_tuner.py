@@ -476,6 +476,8 @@ def test_bf16_base_init_error_is_bf16_rounding():
     for layer in soka_layers(peft_model).values():
         assert layer.get_base_layer().weight.dtype == torch.bfloat16
         assert layer.soka_A["default"].dtype == layer.soka_A0["default"].dtype == torch.float32
+        factor = layer.soka_A["default"].detach()
+        assert not torch.equal(factor, factor.to(torch.bfloat16).float()), "fp32 factors were rounded to bf16"
     out = logits(peft_model)
     ulp = bf16_ulp(float(reference.abs().max()))
     # Sources of error, all bf16 rounding: the residual W − ΔW0 is rounded to bf16 (≤ ½ ulp per entry, the same
