@@ -50,6 +50,11 @@ def energy_shares(S: torch.Tensor, total_energy: float) -> torch.Tensor:
     return torch.cumsum(S.double().pow(2), 0) / total_energy
 
 
+def energy_kept(S: torch.Tensor, total_energy: float, rank: int) -> float:
+    """Share of ``‖W‖_F²`` held by the top ``rank`` terms of ``S: (K,)`` (0 for rank 0)."""
+    return float(energy_shares(S, total_energy)[rank - 1]) if rank > 0 else 0.0
+
+
 def energy_rank(S: torch.Tensor, total_energy: float, threshold: float) -> int | None:
     """Smallest ``r`` whose top-``r`` energy share is ``≥ threshold``; ``None`` when it lies beyond ``len(S)``."""
     shares = energy_shares(S, total_energy)
@@ -156,13 +161,12 @@ def select_rank(
         decided_by, rank = "min_rank", min_rank
     if rank > S.numel():
         decided_by, rank = "spectrum", int(S.numel())
-    kept = float(energy_shares(S, total_energy)[rank - 1]) if rank > 0 else 0.0
     return RankDecision(
         rank=int(rank),
         decided_by=decided_by,
         energy_rank=r_energy,
         elbow_rank=r_elbow,
-        energy_kept=kept,
+        energy_kept=energy_kept(S, total_energy, rank),
         total_energy=float(total_energy),
         spectrum=[float(v) for v in S[: max(search_window, rank)]],
     )

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..kron.budget import BudgetItem, allocate_budget, parse_budget
 from ..kron.kpsvd import KPSVDResult, kpsvd
-from ..kron.rank import RankDecision, energy_shares, select_rank
+from ..kron.rank import RankDecision, energy_kept, select_rank
 from ..kron.shapes import KronShape
 from .config import SokaConfig
 from .distributed import broadcast_object, gathered, process_info
@@ -62,7 +62,7 @@ def decide_module(config: SokaConfig, key: str, weight: torch.Tensor, shape: Kro
         decision = RankDecision(
             rank=rank,
             decided_by="pattern",
-            energy_kept=float(energy_shares(result.S, result.total_energy)[rank - 1]) if rank > 0 else 0.0,
+            energy_kept=energy_kept(result.S, result.total_energy, rank),
             total_energy=result.total_energy,
             spectrum=[float(v) for v in result.S],
         )
@@ -127,16 +127,13 @@ def apply_budget(
             )
         )
     ranks = allocate_budget(items, budget)
-    for (key, _, _), rank in zip(targets, ranks, strict=True):
+    for (key, _, _), item, rank in zip(targets, items, ranks, strict=True):
         init = results[key]
         if rank == init.decision.rank:
             continue
-        spectrum = torch.tensor(init.decision.spectrum, dtype=torch.float64)
         init.decision.rank = rank
         init.decision.decided_by = "budget"
-        init.decision.energy_kept = (
-            float(energy_shares(spectrum, init.decision.total_energy)[rank - 1]) if rank else 0.0
-        )
+        init.decision.energy_kept = energy_kept(item.spectrum, item.total_energy, rank)
         if init.factors is not None:
             f = init.factors
             init.factors = KPSVDResult(A=f.A[:rank], B=f.B[:rank], S=f.S[:rank], total_energy=f.total_energy)
