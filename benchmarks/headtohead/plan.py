@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 from .methods import LR_GRIDS, METHODS
-from .training import RunConfig
+from .training import RunConfig, TrainSettings
 
 SOKA_FRACTION = 0.75  # the paper's claim: SoKA at 25 % fewer parameters than LoRA
 
 
-@dataclass(frozen=True)
-class Size:
-    steps: int
-    batch_size: int
-    max_len: int
-    n_train: int
-    n_val: int
-    n_test: int
-    max_new_tokens: int
+@dataclass
+class Size(TrainSettings):
+    """A benchmark size: the training settings of its runs and which budgets, seeds and grid it covers."""
+
     grid_rank: int
     final_ranks: tuple[int, ...]
     seeds: tuple[int, ...]
@@ -37,20 +32,9 @@ SIZES = {
 
 
 def base_config(size: Size, model_dir: str, method: str, rank: int, lr: float, seed: int) -> RunConfig:
+    settings = {f.name: getattr(size, f.name) for f in fields(TrainSettings)}
     return RunConfig(
-        model_dir=model_dir,
-        method=method,
-        lora_rank=rank,
-        fraction=1.0,
-        lr=lr,
-        seed=seed,
-        steps=size.steps,
-        batch_size=size.batch_size,
-        max_len=size.max_len,
-        n_train=size.n_train,
-        n_val=size.n_val,
-        n_test=size.n_test,
-        max_new_tokens=size.max_new_tokens,
+        **settings, model_dir=model_dir, method=method, lora_rank=rank, fraction=1.0, lr=lr, seed=seed
     )
 
 

@@ -31,13 +31,9 @@ STOP = ["\nQuestion:", "\n\n\n"]
 
 
 @dataclass
-class RunConfig:
-    model_dir: str
-    method: str
-    lora_rank: int
-    fraction: float
-    lr: float
-    seed: int
+class TrainSettings:
+    """What every run of one benchmark size shares: steps, batch, sequence length, data and test sizes."""
+
     steps: int
     batch_size: int
     max_len: int
@@ -45,6 +41,18 @@ class RunConfig:
     n_val: int
     n_test: int
     max_new_tokens: int
+
+
+@dataclass
+class RunConfig(TrainSettings):
+    """One run: the shared settings plus model, method, budget, learning rate and seed."""
+
+    model_dir: str
+    method: str
+    lora_rank: int
+    fraction: float
+    lr: float
+    seed: int
 
     @property
     def spec(self) -> MethodSpec:
