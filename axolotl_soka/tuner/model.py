@@ -172,11 +172,6 @@ class SokaModel(BaseTuner):
         config.shape_pattern = {name: sel.shape.as_list() for name, sel in selections.items()}
         config.resolved = True
 
-    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
-        for name, param in model.named_parameters():
-            if self.prefix not in name:
-                param.requires_grad = False
-
     # ---------------------------------------------------------------- unloading
     def unload(self) -> nn.Module:
         """Remove the adapters without merging and give back the original weights (residual restored)."""
