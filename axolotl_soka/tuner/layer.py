@@ -163,8 +163,9 @@ class SokaLayer(BaseTunerLayer):
     def _soka_post_load(self, module: nn.Module, incompatible_keys: Any) -> None:
         """After loading: residualise the base with the stored init factors that just arrived."""
         for adapter in sorted(self._soka_incoming):
-            self.soka_A0[adapter] = self.soka_A0[adapter].to(torch.float32)
-            self.soka_B0[adapter] = self.soka_B0[adapter].to(torch.float32)
+            self._place_adapter(
+                adapter
+            )  # loaded tensors (possibly assigned as saved) back to fp32 on the device
             self.apply_residual(adapter, sign=-1.0)
         self._soka_incoming.clear()
 
