@@ -36,13 +36,13 @@ def export_delta_adapter(
             "base weight, a zero-init adapter already loads on the original model as it is"
         )
     saved_keys = get_peft_model_state_dict(peft_model, adapter_name=adapter_name).keys()
-    key_prefix = {k[: -len("soka_A")]: k for k in saved_keys if k.endswith(".soka_A")}
+    prefixes = [k.removesuffix("soka_A") for k in saved_keys if k.endswith(".soka_A")]
     state: dict[str, torch.Tensor] = {}
     ranks = dict(config.rank_pattern)
     for name, module in peft_model.base_model.model.named_modules():
         if not isinstance(module, SokaLayer) or adapter_name not in module.soka_A:
             continue
-        prefix = next((p for p in key_prefix if p.endswith(f"{name}.")), None)
+        prefix = next((p for p in prefixes if p.endswith(f"{name}.")), None)
         if prefix is None:
             raise RuntimeError(f"no saved SoKA tensors found for module {name!r}")
         a_eff, b = module.effective_factors(adapter_name)
