@@ -24,9 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from headtohead.plan import SIZES, final_runs, grid_runs  # noqa: E402
 from headtohead.report import choose_rates, write_report  # noqa: E402
+from headtohead.training import REPO as ROOT  # noqa: E402
 from headtohead.training import RunConfig  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_all(configs: list[RunConfig], out: Path) -> list[dict]:
