@@ -5,10 +5,12 @@ and ``PeftModel.from_pretrained(model, adapter_dir)`` work.
 """
 
 from .tuner import (
+    GradientCalibration,
     SokaConfig,
     SokaLayer,
     SokaLinear,
     SokaModel,
+    calibrate_gradients,
     export_delta_adapter,
     register,
     save_adapter,
@@ -17,11 +19,13 @@ from .tuner import (
 register()
 
 __all__ = [
+    "GradientCalibration",
     "SokaConfig",
     "SokaLayer",
     "SokaLinear",
     "SokaModel",
     "SokaPlugin",
+    "calibrate_gradients",
     "export_delta_adapter",
     "register",
     "save_adapter",

@@ -5,7 +5,7 @@ Plain torch functions; nothing here imports PEFT or Axolotl.
 
 from .apply import contraction_costs, kron_apply, kron_delta
 from .budget import BudgetItem, allocate_budget, parse_budget
-from .kpsvd import SVD_METHODS, KPSVDResult, fix_signs, kpsvd, randomized_svd
+from .kpsvd import SVD_METHODS, KPSVDResult, fix_signs, kpsvd, kron_coefficients, randomized_svd
 from .rank import (
     COMBINE_MODES,
     ELBOW_MODES,
@@ -19,6 +19,7 @@ from .rank import (
     select_rank,
 )
 from .rearrange import rearrange, rearrange_inverse
+from .shape_search import ShapeCandidate, ShapeChoice, candidate_shapes, search_shape
 from .shapes import SHAPE_RULES, KronShape, balanced_shape, divisors, lora_shape, resolve_shape
 
 __all__ = [
@@ -30,8 +31,11 @@ __all__ = [
     "KPSVDResult",
     "KronShape",
     "RankDecision",
+    "ShapeCandidate",
+    "ShapeChoice",
     "allocate_budget",
     "balanced_shape",
+    "candidate_shapes",
     "check_selection_args",
     "contraction_costs",
     "divisors",
@@ -43,6 +47,7 @@ __all__ = [
     "fix_signs",
     "kpsvd",
     "kron_apply",
+    "kron_coefficients",
     "kron_delta",
     "lora_shape",
     "parse_budget",
@@ -50,5 +55,6 @@ __all__ = [
     "rearrange",
     "rearrange_inverse",
     "resolve_shape",
+    "search_shape",
     "select_rank",
 ]

@@ -128,3 +128,16 @@ def kpsvd(
     a = u.T.reshape(rank, shape.m, shape.n).contiguous()
     b = vh.reshape(rank, shape.p, shape.q).contiguous()
     return KPSVDResult(A=a, B=b, S=s.contiguous(), total_energy=total_energy)
+
+
+def kron_coefficients(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``c_k = ⟨W, A_k ⊗ B_k⟩_F = vec(A_k)ᵀ R(W) vec(B_k)`` for ``A: (r, m, n)``, ``B: (r, p, q)``: ``(r,)`` in fp32.
+
+    With orthonormal ``{A_k}`` and ``{B_k}`` (any KPSVD's factors), ``Σ c_k A_k ⊗ B_k`` is the orthogonal
+    projection of ``W`` onto their span, so ``W − Σ c_k A_k ⊗ B_k`` is an exact residual.
+    """
+    r, m, n = A.shape
+    _, p, q = B.shape
+    matrix = rearrange(weight.to(torch.float32), KronShape(m, n, p, q))  # (m·n, p·q)
+    a, b = A.reshape(r, m * n).to(matrix), B.reshape(r, p * q).to(matrix)
+    return ((a @ matrix) * b).sum(dim=1)

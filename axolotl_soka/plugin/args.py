@@ -39,6 +39,7 @@ KEY_TO_FIELD: dict[str, str] = {
     "soka_shape_pattern": "shape_pattern",
     "soka_exclude_modules": "exclude_modules",
     "soka_param_budget": "param_budget",
+    "soka_init_source": "init_source",
 }
 FIELD_TO_KEY = {field: key for key, field in KEY_TO_FIELD.items()}
 _FIELD_RE = re.compile(
@@ -85,7 +86,12 @@ def check_soka_keys(data: dict[str, Any]) -> None:
     task = data.get("soka_eval_task")
     if task is not None and task not in TASKS:
         raise ValueError(f"soka_eval_task={task!r} is unknown; allowed: {', '.join(TASKS)}")
-    for key in ("soka_eval_samples", "soka_eval_steps", "soka_eval_max_new_tokens"):
+    for key in (
+        "soka_eval_samples",
+        "soka_eval_steps",
+        "soka_eval_max_new_tokens",
+        "soka_calibration_batches",
+    ):
         value = data.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"{key}={value!r} is invalid: allowed: a positive integer")
@@ -170,7 +176,20 @@ class SokaArgs(BaseModel):
     )
     soka_init: str = Field(
         default="kpsvd",
-        description="kpsvd: principal Kronecker components, base becomes the residual; zero: ΔW starts at 0.",
+        description="kpsvd: principal Kronecker components of W, base becomes the residual; gradient: principal "
+        "components of the calibrated training-loss gradient, scaled by W's projection on them, base becomes the "
+        "residual; zero: ΔW starts at 0.",
+    )
+    soka_init_source: str | None = Field(
+        default=None,
+        description="Spectrum that chooses ranks, budget shares and auto shapes: weight or gradient (the "
+        "training-loss gradient over soka_calibration_batches batches). Default: gradient with soka_init: "
+        "gradient, else weight.",
+    )
+    soka_calibration_batches: int = Field(
+        default=8,
+        description="Training batches (of micro_batch_size rows, all processes together) whose loss gradient "
+        "calibrates the spectra with soka_init_source: gradient (>= 1).",
     )
     soka_svd: str = Field(default="lowrank", description="full SVD or lowrank (seeded randomized SVD).")
     soka_svd_niter: int = Field(default=8, description="Power iterations of the randomized SVD (>= 0).")
@@ -185,7 +204,8 @@ class SokaArgs(BaseModel):
     soka_factor_shape: str | list[int] = Field(
         default="balanced",
         description="Factor shape: balanced (fewest parameters per term), lora ((out,1,1,in): rank-1 terms), "
-        "or [m, n, p, q] with m·p = out and n·q = in.",
+        "auto (per module, the shape capturing the most energy of the selection spectrum's matrix for the "
+        "module's share of soka_param_budget), or [m, n, p, q] with m·p = out and n·q = in.",
     )
     soka_dropout: float = Field(default=0.0, description="Dropout on the adapter input, in [0, 1).")
     soka_rank_pattern: dict[str, int] | None = Field(

@@ -117,12 +117,38 @@ class SokaPlugin(BasePlugin):
             peft_model = PeftModel.from_pretrained(model, str(source), is_trainable=not inference)
         else:
             config = soka_config_from_cfg(cfg)
+            if config.init_source == "gradient":
+                self._calibrate(model, config, cfg)
             peft_model = get_peft_model(model, config)
             check_ranks_agree(peft_model.peft_config["default"].rank_pattern)
             self._report(peft_model, cfg)
         if _is_main_process():
             peft_model.print_trainable_parameters()
         return peft_model, peft_model.peft_config["default"]
+
+    @staticmethod
+    def _calibrate(model: Any, config: Any, cfg: Any) -> None:
+        """Training-loss gradients over ``soka_calibration_batches`` batches of the prepared training dataset
+        (loaded again from Axolotl's cache), attached to ``model`` for ``get_peft_model``."""
+        from axolotl.common.datasets import load_datasets
+
+        from ..tuner.calibration import calibrate_gradients
+        from ..tuner.distributed import process_info
+        from .calibration_data import calibration_batches
+
+        rank, world = process_info()
+        dataset = load_datasets(cfg=cfg).train_dataset
+        batches = calibration_batches(
+            dataset, cfg.soka_calibration_batches or 8, cfg.micro_batch_size or 1, cfg.seed or 0, rank, world
+        )
+        result = calibrate_gradients(model, config, batches)
+        LOG.info(
+            "SoKA gradient calibration: %d batches, %d tokens, mean loss %.4f, %.1f s",
+            result.batches,
+            result.tokens,
+            result.mean_loss,
+            result.seconds,
+        )
 
     @staticmethod
     def _saved_config(source: str) -> Any:

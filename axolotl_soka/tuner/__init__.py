@@ -1,6 +1,7 @@
 """SoKA as a PEFT method: ``SokaConfig``, ``SokaModel`` and ``SokaLayer`` (the layout of PEFT's own tuners)."""
 
-from .config import INIT_MODES, SIGMA_MODES, SokaConfig
+from .calibration import GradientCalibration, calibrate_gradients
+from .config import INIT_MODES, INIT_SOURCES, SIGMA_MODES, SokaConfig
 from .export import export_delta_adapter
 from .layer import SokaLayer, SokaLinear
 from .model import SokaModel
@@ -11,6 +12,8 @@ from .selection import ModuleSelection
 
 __all__ = [
     "INIT_MODES",
+    "INIT_SOURCES",
+    "GradientCalibration",
     "SIGMA_MODES",
     "SOKA_PEFT_TYPE",
     "ModuleSelection",
@@ -18,6 +21,7 @@ __all__ = [
     "SokaLayer",
     "SokaLinear",
     "SokaModel",
+    "calibrate_gradients",
     "export_delta_adapter",
     "register",
     "save_adapter",

@@ -13,15 +13,18 @@ from ..kron.rank import check_selection_args
 from ..kron.shapes import SHAPE_RULES
 from .peft_type import SOKA_PEFT_TYPE
 
-INIT_MODES = ("kpsvd", "zero")
+INIT_MODES = ("kpsvd", "zero", "gradient")
+INIT_SOURCES = ("weight", "gradient")
 SIGMA_MODES = ("separate", "sqrt")
+AUTO_SHAPE = "auto"  # search each module's shape (see axolotl_soka.kron.shape_search)
+SHAPE_SPECS = (*SHAPE_RULES, AUTO_SHAPE)
 
 
 def check_shape_spec(value: Any, key: str) -> None:
-    """A factor-shape spec is ``"balanced"``, ``"lora"`` or four positive integers ``[m, n, p, q]``."""
+    """A factor-shape spec is ``"balanced"``, ``"lora"``, ``"auto"`` or four positive integers ``[m, n, p, q]``."""
     if isinstance(value, str):
-        if value not in SHAPE_RULES:
-            raise ValueError(f"{key} {value!r} is unknown; allowed: {', '.join(SHAPE_RULES)} or [m, n, p, q]")
+        if value not in SHAPE_SPECS:
+            raise ValueError(f"{key} {value!r} is unknown; allowed: {', '.join(SHAPE_SPECS)} or [m, n, p, q]")
         return
     if (
         not isinstance(value, (list, tuple))
@@ -29,7 +32,7 @@ def check_shape_spec(value: Any, key: str) -> None:
         or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
     ):
         raise ValueError(
-            f"{key} must be {', '.join(SHAPE_RULES)} or four positive integers [m, n, p, q], got {value!r}"
+            f"{key} must be {', '.join(SHAPE_SPECS)} or four positive integers [m, n, p, q], got {value!r}"
         )
 
 
@@ -75,7 +78,19 @@ class SokaConfig(PeftConfig):
     max_rank: int = field(default=8, metadata={"help": "Most terms per module."})
     search_window: int = field(default=64, metadata={"help": "Spectrum head K searched for the elbow."})
     init: str = field(
-        default="kpsvd", metadata={"help": "kpsvd (principal components, residual base) or zero."}
+        default="kpsvd",
+        metadata={
+            "help": "kpsvd (principal Kronecker components of W, residual base), gradient (principal components "
+            "of the calibrated gradient, scaled by W's projection on them, residual base) or zero."
+        },
+    )
+    init_source: str | None = field(
+        default=None,
+        metadata={
+            "help": "Spectrum that chooses ranks, budget shares and auto shapes: weight (KPSVD of W) or gradient "
+            "(KPSVD of the training-loss gradient summed over calibration batches; run "
+            "axolotl_soka.calibrate_gradients first). Default: gradient when init is gradient, else weight."
+        },
     )
     svd: str = field(default="lowrank", metadata={"help": "full or lowrank (seeded randomized SVD)."})
     svd_niter: int = field(default=8, metadata={"help": "Power iterations of the randomized SVD."})
@@ -89,7 +104,12 @@ class SokaConfig(PeftConfig):
     )
     alpha: float = field(default=1.0, metadata={"help": "Scale s of the update ΔW = s·Σ A_k ⊗ B_k."})
     factor_shape: str | list[int] = field(
-        default="balanced", metadata={"help": "balanced, lora, or [m, n, p, q] with m·p = out and n·q = in."}
+        default="balanced",
+        metadata={
+            "help": "balanced, lora, auto (per module, the shape whose terms capture the most energy of the "
+            "selection spectrum's matrix for the module's share of the budget), or [m, n, p, q] with m·p = out "
+            "and n·q = in."
+        },
     )
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input."})
     rank_pattern: dict[str, int] = field(
@@ -134,6 +154,17 @@ class SokaConfig(PeftConfig):
         )
         if self.init not in INIT_MODES:
             raise ValueError(f"init {self.init!r} is unknown; allowed: {', '.join(INIT_MODES)}")
+        if self.init_source is None:
+            self.init_source = "gradient" if self.init == "gradient" else "weight"
+        if self.init_source not in INIT_SOURCES:
+            raise ValueError(
+                f"init_source {self.init_source!r} is unknown; allowed: {', '.join(INIT_SOURCES)}"
+            )
+        if self.init == "gradient" and self.init_source != "gradient":
+            raise ValueError(
+                "init 'gradient' takes its factors from the calibrated gradient, so init_source must be "
+                f"'gradient' (or unset), got {self.init_source!r}"
+            )
         if self.svd not in SVD_METHODS:
             raise ValueError(f"svd {self.svd!r} is unknown; allowed: {', '.join(SVD_METHODS)}")
         if self.sigma_mode not in SIGMA_MODES:

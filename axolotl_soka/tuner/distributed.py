@@ -54,3 +54,25 @@ def broadcast_object(obj: Any, src: int) -> Any:
         device = torch.device("cuda", torch.cuda.current_device())
     dist.broadcast_object_list(holder, src=src, device=device)
     return holder[0]
+
+
+@contextlib.contextmanager
+def fetch_on_use(model: torch.nn.Module) -> Iterator[None]:
+    """Inside: a plain ``model(...)`` and ``loss.backward()`` work on a ZeRO-3 partitioned model (a no-op otherwise).
+
+    DeepSpeed's own fetch/release hooks (those its engine installs) are registered on ``model``, so each module's
+    parameters are gathered when the forward or backward pass reaches it and released after; they are removed
+    on exit, leaving the model as it was for ``deepspeed.initialize``.
+    """
+    if not any(is_partitioned(p) for p in model.parameters()):
+        yield
+        return
+    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+    from deepspeed.utils.timer import NoopTimer
+
+    offload = DeepSpeedZeRoOffload(model, timers=NoopTimer(), ds_config=None, overlap_comm=False)
+    try:
+        yield
+    finally:
+        offload.partition_all_parameters()
+        offload.destroy()

@@ -1,11 +1,17 @@
-"""Decide every target module's rank and initial factors before any module is replaced.
+"""Decide every target module's shape, rank and initial factors before any module is replaced.
 
 One pass over the targets, in the same order on every process. On one process each weight is read (gathered
 under ZeRO-3) and decomposed in turn, so the peak extra memory is one full fp32 weight plus its KPSVD. With
 ``W`` processes the targets go in groups of ``W``: each process keeps a copy of one weight of the group,
-decomposes it while the others decompose theirs, and every decision (rank, evidence, factors) is broadcast
-from the process that made it. All processes therefore hold identical ranks and factors, whatever
+decomposes it while the others decompose theirs, and every decision (shape, rank, evidence, factors) is
+broadcast from the process that made it. All processes therefore hold identical ranks and factors, whatever
 floating-point noise their own hardware would have produced, and init time falls with the process count.
+
+The spectrum that chooses ranks (and budget shares and ``auto`` shapes) is the KPSVD of the weight
+(``init_source="weight"``) or of the calibrated mean gradient ``Ḡ`` (``"gradient"``; target ``i``'s gradient
+is held by process ``i mod W``, the one that decomposes it). The initial factors are the top KPSVD terms of
+``W`` (``init="kpsvd"``), or those of ``Ḡ`` with coefficients ``c_k = ⟨W, A_k ⊗ B_k⟩`` (``init="gradient"``),
+so the residual ``W − Σ c_k A_k ⊗ B_k`` keeps the outputs unchanged at step 0.
 """
 
 from __future__ import annotations
@@ -13,39 +19,85 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from ..kron.budget import BudgetItem, allocate_budget, parse_budget
-from ..kron.kpsvd import KPSVDResult, kpsvd
+from ..kron.kpsvd import KPSVDResult, kpsvd, kron_coefficients
 from ..kron.rank import RankDecision, energy_kept, select_rank
-from ..kron.shapes import KronShape
+from ..kron.shape_search import ShapeChoice, search_shape
+from ..kron.shapes import KronShape, balanced_shape
+from .calibration import GradientCalibration
 from .config import SokaConfig
 from .distributed import broadcast_object, gathered, process_info
 from .selection import lookup_pattern
+from .targets import Target
 
 
 @dataclass
 class ModuleInit:
-    """The decision for one module and, unless loading a saved adapter, its top-``rank`` KPSVD (on the CPU)."""
+    """The decision for one module and, unless loading a saved adapter, its initial factors (on the CPU).
+
+    ``factors.S`` holds the coefficients ``c_k`` with ``ΔW_0 = Σ c_k A_k ⊗ B_k``; ``search`` the evaluated
+    shapes when the shape was searched (``auto``).
+    """
 
     decision: RankDecision
     factors: KPSVDResult | None
+    shape: KronShape
+    search: ShapeChoice | None = None
 
 
-def decide_module(config: SokaConfig, key: str, weight: torch.Tensor, shape: KronShape) -> ModuleInit:
-    """KPSVD of one full weight ``(m·p, n·q)`` and the number of terms to keep (a ``rank_pattern`` entry wins)."""
-    fixed = lookup_pattern(config.rank_pattern, key)
-    window = fixed if fixed is not None else max(config.search_window, config.max_rank)
-    result = kpsvd(
-        weight,
+def _sigma_cost(config: SokaConfig) -> int:
+    return 1 if config.sigma_mode == "separate" else 0
+
+
+def _kpsvd(config: SokaConfig, matrix: torch.Tensor, shape: KronShape, k: int) -> KPSVDResult:
+    return kpsvd(
+        matrix,
         shape,
-        min(window, shape.max_rank),
+        min(k, shape.max_rank),
         method=config.svd,
         niter=config.svd_niter,
         oversample=config.svd_oversample,
         seed=config.seed,
     )
+
+
+def decide_module(
+    config: SokaConfig,
+    key: str,
+    weight: torch.Tensor,
+    shape: KronShape | None,
+    gradient: torch.Tensor | None = None,
+    module_budget: int | None = None,
+) -> ModuleInit:
+    """Shape (searched when ``None``), rank and initial factors of one module with weight ``(m·p, n·q)``.
+
+    ``gradient`` (same shape as ``weight``) is required with ``init_source="gradient"``; ``module_budget`` (the
+    module's share of parameters) with an ``auto`` shape. A ``rank_pattern`` entry fixes the rank.
+    """
+    source = gradient if config.init_source == "gradient" else weight
+    if source is None:
+        raise ValueError(f"module {key!r}: init_source='gradient' needs its calibrated gradient")
+    search = None
+    if shape is None:
+        if module_budget is None:
+            raise ValueError(f"module {key!r}: an auto factor shape needs the module's parameter budget")
+        search = search_shape(
+            source,
+            module_budget,
+            sigma_cost=_sigma_cost(config),
+            max_terms=config.max_rank,
+            svd=config.svd,
+            niter=config.svd_niter,
+            oversample=config.svd_oversample,
+            seed=config.seed,
+            module_name=key,
+        )
+        shape = search.best.shape
+    fixed = lookup_pattern(config.rank_pattern, key)
+    window = fixed if fixed is not None else max(config.search_window, config.max_rank)
+    result = _kpsvd(config, source, shape, window)
     if fixed is None:
         decision = select_rank(
             result.S,
@@ -67,68 +119,131 @@ def decide_module(config: SokaConfig, key: str, weight: torch.Tensor, shape: Kro
             spectrum=[float(v) for v in result.S],
         )
     r = decision.rank
-    factors = KPSVDResult(
-        A=result.A[:r].cpu(), B=result.B[:r].cpu(), S=result.S[:r].cpu(), total_energy=result.total_energy
-    )
-    return ModuleInit(decision=decision, factors=factors)
+    if config.init == "gradient":
+        A, B = result.A[:r], result.B[:r]
+        S = kron_coefficients(weight, A, B)
+        factors = KPSVDResult(
+            A=A.cpu(), B=B.cpu(), S=S.cpu(), total_energy=float(weight.float().pow(2).sum())
+        )
+    else:
+        if source is not weight and config.init == "kpsvd":
+            result = _kpsvd(config, weight, shape, r) if r > 0 else result
+        factors = KPSVDResult(
+            A=result.A[:r].cpu(), B=result.B[:r].cpu(), S=result.S[:r].cpu(), total_energy=result.total_energy
+        )
+    return ModuleInit(decision=decision, factors=factors, shape=shape, search=search)
+
+
+def module_budgets(config: SokaConfig, targets: list[Target]) -> dict[str, int]:
+    """Parameters each ``auto``-shaped module may spend in the shape search.
+
+    With ``param_budget``: the budget split in proportion to ``out + in`` (LoRA's split at equal rank). Without:
+    what ``max_rank`` terms of the balanced shape would cost.
+    """
+    if config.param_budget is not None:
+        budget = parse_budget(config.param_budget)
+        total = sum(t.linear.out_features + t.linear.in_features for t in targets)
+        return {
+            t.name: max(1, int(budget * (t.linear.out_features + t.linear.in_features) / total))
+            for t in targets
+        }
+    sigma = _sigma_cost(config)
+    return {
+        t.name: config.max_rank
+        * (balanced_shape(t.linear.out_features, t.linear.in_features).params_per_term + sigma)
+        for t in targets
+    }
+
+
+def _check_calibration(
+    config: SokaConfig, calibration: GradientCalibration | None, targets: list[Target]
+) -> None:
+    if config.init_source != "gradient":
+        return
+    if calibration is None:
+        raise ValueError(
+            f"init_source='gradient' (init={config.init!r}) needs the training-loss gradients: call "
+            "axolotl_soka.calibrate_gradients(model, config, batches) before get_peft_model(model, config) "
+            "(the Axolotl plugin does this with soka_calibration_batches)"
+        )
+    rank, world = process_info()
+    missing = [
+        t.name for i, t in enumerate(targets) if i % world == rank and t.name not in calibration.gradients
+    ]
+    if missing:
+        raise ValueError(
+            f"the gradient calibration has no gradient for {len(missing)} target modules (first: {missing[0]!r}); "
+            "calibrate with the same model and config (target_modules, exclude_modules) as get_peft_model"
+        )
 
 
 def decide_all(
-    config: SokaConfig, targets: list[tuple[str, nn.Linear, KronShape]], desc: str = "SoKA init"
+    config: SokaConfig,
+    targets: list[Target],
+    calibration: GradientCalibration | None = None,
+    desc: str = "SoKA init",
 ) -> dict[str, ModuleInit]:
-    """Decisions for every ``(name, linear, shape)`` target; collective when distributed (see module doc)."""
+    """Decisions for every target; collective when distributed (see module doc)."""
     if config.resolved:  # loading a saved adapter: ranks are stored, factors come from the checkpoint
-        return {
-            key: ModuleInit(
-                RankDecision(rank=int(lookup_pattern(config.rank_pattern, key)), decided_by="stored"), None
-            )
-            for key, _, _ in targets
-        }
+        out = {}
+        for t in targets:
+            if t.shape is None:
+                raise ValueError(
+                    f"the saved SoKA config (resolved=True) has no factor shape for module {t.name!r}"
+                )
+            rank = RankDecision(rank=int(lookup_pattern(config.rank_pattern, t.name)), decided_by="stored")
+            out[t.name] = ModuleInit(rank, None, t.shape)
+        return out
+    _check_calibration(config, calibration, targets)
+    budgets = module_budgets(config, targets) if any(t.shape is None for t in targets) else {}
     rank, world = process_info()
     results: dict[str, ModuleInit] = {}
     with tqdm(total=len(targets), desc=desc, unit="module", disable=rank != 0) as progress:
         for start in range(0, len(targets), world):
             group = targets[start : start + world]
-            mine: tuple[str, torch.Tensor, KronShape] | None = None
-            for offset, (key, linear, shape) in enumerate(group):
-                with gathered([linear.weight]):
+            mine: Target | None = None
+            weight: torch.Tensor | None = None
+            for offset, target in enumerate(group):
+                with gathered([target.linear.weight]):
                     if offset == rank:
-                        mine = (key, linear.weight.detach().to(torch.float32, copy=True), shape)
-            local = decide_module(config, *mine) if mine is not None else None
-            del mine
-            for offset, (key, _, _) in enumerate(group):
-                results[key] = broadcast_object(local if offset == rank else None, src=offset)
+                        mine = target
+                        weight = target.linear.weight.detach().to(torch.float32, copy=True)
+            local = None
+            if mine is not None:
+                gradient = calibration.gradients.get(mine.name) if calibration is not None else None
+                local = decide_module(config, mine.name, weight, mine.shape, gradient, budgets.get(mine.name))
+            del weight
+            for offset, target in enumerate(group):
+                results[target.name] = broadcast_object(local if offset == rank else None, src=offset)
             progress.update(len(group))
     if config.param_budget is not None:
         apply_budget(config, results, targets)
     return results
 
 
-def apply_budget(
-    config: SokaConfig, results: dict[str, ModuleInit], targets: list[tuple[str, nn.Linear, KronShape]]
-) -> None:
+def apply_budget(config: SokaConfig, results: dict[str, ModuleInit], targets: list[Target]) -> None:
     """Lower each module's rank (its per-module choice is the cap) so the total fits ``config.param_budget``.
 
     Runs on identical inputs on every process (decisions were broadcast), so all processes agree.
     """
     budget = parse_budget(config.param_budget)
-    sigma_cost = 1 if config.sigma_mode == "separate" else 0
     items = []
-    for key, _, shape in targets:
-        decision = results[key].decision
+    for t in targets:
+        init = results[t.name]
+        decision = init.decision
         fixed = decision.decided_by == "pattern"
         items.append(
             BudgetItem(
                 spectrum=torch.tensor(decision.spectrum, dtype=torch.float64),
                 total_energy=decision.total_energy,
-                cost=shape.params_per_term + sigma_cost,
+                cost=init.shape.params_per_term + _sigma_cost(config),
                 min_rank=decision.rank if fixed else min(config.min_rank, decision.rank),
                 cap=decision.rank,
             )
         )
     ranks = allocate_budget(items, budget)
-    for (key, _, _), item, rank in zip(targets, items, ranks, strict=True):
-        init = results[key]
+    for t, item, rank in zip(targets, items, ranks, strict=True):
+        init = results[t.name]
         if rank == init.decision.rank:
             continue
         init.decision.rank = rank

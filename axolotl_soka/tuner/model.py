@@ -5,45 +5,25 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
-from peft.tuners.tuners_utils import BaseTuner, _ExcludedModule, _maybe_include_all_linear_layers
+from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from ..kron.shapes import KronShape, resolve_shape
+from .calibration import take_calibration
 from .config import SokaConfig
-from .initializer import decide_all
+from .initializer import ModuleInit, decide_all
 from .layer import SokaLayer, SokaLinear
-from .selection import ModuleSelection, lookup_pattern
-
-QUANTIZED_MODULE_HINTS = (
-    "bitsandbytes",
-    "bnb",
-    "gptq",
-    "awq",
-    "hqq",
-    "quanto",
-    "torchao",
-    "eetq",
-    "aqlm",
-    "fp8",
-)
+from .selection import ModuleSelection
+from .targets import find_targets
 
 
-def _unsupported_reason(module: nn.Module) -> str | None:
-    """Why ``module`` cannot carry a SoKA adapter, or ``None`` when it can."""
-    cls = type(module)
-    qualname = f"{cls.__module__}.{cls.__name__}"
-    if isinstance(module, SokaLayer):
+def _top_candidates(init: ModuleInit, count: int = 5) -> list[dict[str, Any]] | None:
+    """The best ``count`` shapes of an ``auto`` shape search, for reports (``None`` without a search)."""
+    if init.search is None:
         return None
-    if any(h in qualname.lower() for h in QUANTIZED_MODULE_HINTS) or (
-        isinstance(module, nn.Linear) and not module.weight.is_floating_point()
-    ):
-        return (
-            f"is a quantised layer ({qualname}): not supported yet by SoKA; initialise SoKA on the "
-            "full-precision model instead"
-        )
-    if not isinstance(module, nn.Linear):
-        return f"is a {qualname}, not an nn.Linear; SoKA adapts linear layers only"
-    return None
+    return [
+        {"shape": c.shape.as_list(), "terms": c.terms, "params": c.params, "energy_kept": c.energy_kept}
+        for c in init.search.candidates[:count]
+    ]
 
 
 class SokaModel(BaseTuner):
@@ -76,61 +56,27 @@ class SokaModel(BaseTuner):
         self._resolve_config(config, adapter_name)
 
     def _plan_adapter(self, model: nn.Module, config: SokaConfig, adapter_name: str) -> None:
-        """Validate every target (type and factor shape) before any weight changes, and plan the shapes."""
+        """Validate every target (type and factor shape) before any weight changes, then decide shapes, ranks
+        and initial factors (using the gradient calibration attached to ``model``, if any)."""
         self.__dict__.setdefault("soka_selections", {})
         self.__dict__.setdefault("_soka_inits", {})
         config = self._prepare_adapter_config(config, self.get_model_config(model))
-        config = _maybe_include_all_linear_layers(config, model)
-        plan: dict[str, KronShape] = {}
-        for key, module in model.named_modules():
-            if not key or any(key.startswith(k + ".") for k in plan):
-                continue
-            matched = self._check_target_module_exists(config, key)
-            if not matched or isinstance(matched, _ExcludedModule):
-                continue
-            reason = _unsupported_reason(module)
-            if reason is not None:
-                raise ValueError(f"target module {key!r} {reason}")
-            if config.init == "kpsvd" and isinstance(module, SokaLayer) and module.soka_residual:
-                raise ValueError(
-                    f"module {key!r} already holds a kpsvd SoKA adapter, whose residual the base weight carries; "
-                    "a second kpsvd adapter would take its components from that residual. Add further adapters "
-                    "with init='zero', or export trained adapters with axolotl_soka.export_delta_adapter (they "
-                    "then load side by side on the original model)"
-                )
-            base = module.get_base_layer() if isinstance(module, SokaLayer) else module
-            spec = lookup_pattern(config.shape_pattern, key)
-            shape = resolve_shape(
-                spec if spec is not None else config.factor_shape, base.out_features, base.in_features, key
-            )
-            if config.resolved and lookup_pattern(config.rank_pattern, key) is None:
-                raise ValueError(
-                    f"the saved SoKA config (resolved=True) has no rank for module {key!r}; it does not belong to "
-                    "this model"
-                )
-            plan[key] = shape
-        if not plan:
-            examples = [k for k, m in model.named_modules() if isinstance(m, nn.Linear)][:5]
-            raise ValueError(
-                f"target_modules {config.target_modules!r} matched no module of the model; its linear layers are "
-                f"named like {examples}"
-            )
-        modules = dict(model.named_modules())
-        targets = []
-        for key, shape in plan.items():
-            module = modules[key]
-            targets.append((key, module.get_base_layer() if isinstance(module, SokaLayer) else module, shape))
-        self._soka_inits[adapter_name] = decide_all(config, targets, desc=f"SoKA init ({adapter_name})")
+        targets = find_targets(model, config)
+        calibration = take_calibration(model)
+        inits = decide_all(config, targets, calibration, desc=f"SoKA init ({adapter_name})")
+        self._soka_inits[adapter_name] = inits
         self.soka_selections[adapter_name] = {
-            key: ModuleSelection(
-                name=key,
-                out_features=base.out_features,
-                in_features=base.in_features,
-                shape=shape,
-                decision=self._soka_inits[adapter_name][key].decision,
+            t.name: ModuleSelection(
+                name=t.name,
+                out_features=t.linear.out_features,
+                in_features=t.linear.in_features,
+                shape=inits[t.name].shape,
+                decision=inits[t.name].decision,
                 sigma_mode=config.sigma_mode,
+                source=config.init_source if not config.resolved else "stored",
+                shape_candidates=_top_candidates(inits[t.name]),
             )
-            for key, base, shape in targets
+            for t in targets
         }
 
     def _create_and_replace(
@@ -149,7 +95,7 @@ class SokaModel(BaseTuner):
         if decision.rank == 0:
             return  # left unadapted; reported
         layer_kwargs = dict(
-            init=peft_config.init,
+            init="zero" if peft_config.init == "zero" else "kpsvd",  # gradient init: residual like kpsvd
             sigma_mode=peft_config.sigma_mode,
             alpha=peft_config.alpha,
             dropout=peft_config.dropout,

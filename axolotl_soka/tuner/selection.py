@@ -15,7 +15,11 @@ T = TypeVar("T")
 
 @dataclass
 class ModuleSelection:
-    """What SoKA chose for one module: ``(out, in)`` weight, factor shape, rank and the rank's evidence."""
+    """What SoKA chose for one module: ``(out, in)`` weight, factor shape, rank and the rank's evidence.
+
+    ``source`` says whose spectrum chose the rank (``weight``, ``gradient`` or ``stored`` when loaded);
+    ``shape_candidates`` lists the best shapes of an ``auto`` shape search (``None`` without one).
+    """
 
     name: str
     out_features: int
@@ -23,6 +27,8 @@ class ModuleSelection:
     shape: KronShape
     decision: RankDecision
     sigma_mode: str
+    source: str = "weight"
+    shape_candidates: list[dict[str, Any]] | None = None
 
     @property
     def rank(self) -> int:
@@ -42,6 +48,8 @@ class ModuleSelection:
             "shape": self.shape.as_list(),
             "rank": self.rank,
             "trainable_params": self.trainable_params,
+            "source": self.source,
+            "shape_candidates": self.shape_candidates,
             **{k: v for k, v in self.decision.to_dict().items() if k != "rank"},
         }
 

@@ -14,10 +14,10 @@ from peft import LoKrConfig, LoraConfig, PeftConfig, PeftModel, get_peft_model
 from torch import nn
 
 import axolotl_soka  # noqa: F401  (registers SoKA with PEFT)
-from axolotl_soka import SokaConfig
+from axolotl_soka import SokaConfig, calibrate_gradients
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-METHODS = ("lora", "pissa", "lokr", "soka", "soka-zero", "soka-lora-shape")
+METHODS = ("lora", "pissa", "soka", "soka-grad", "lokr", "soka-zero", "soka-lora-shape", "soka-grad-auto")
 LR_GRIDS = {
     "lora": (1e-4, 3e-4, 1e-3),
     "pissa": (1e-4, 3e-4, 1e-3),
@@ -25,7 +25,13 @@ LR_GRIDS = {
     "soka": (1e-4, 3e-4, 1e-3),
     "soka-zero": (1e-3, 3e-3, 1e-2),
     "soka-lora-shape": (1e-4, 3e-4, 1e-3),
+    "soka-grad": (3e-4, 1e-3, 3e-3),
 }
+# methods without a grid of their own take a sibling's chosen rate (less tuning, never more)
+LR_FROM = {"soka-grad-auto": "soka-grad"}
+# gradient-calibrated methods: training batches (the run's first ones) whose loss gradient is calibrated
+CALIBRATION_BATCHES = 8
+CALIBRATED = ("soka-grad", "soka-grad-auto")
 
 
 @dataclass(frozen=True)
@@ -92,11 +98,18 @@ def make_config(model: nn.Module, spec: MethodSpec, seed: int) -> PeftConfig:
         config = SokaConfig(init="zero", **soka)
     elif spec.method == "soka-lora-shape":
         config = SokaConfig(factor_shape="lora", **soka)
+    elif spec.method == "soka-grad":
+        config = SokaConfig(init="gradient", **soka)
+    elif spec.method == "soka-grad-auto":
+        config = SokaConfig(init="gradient", factor_shape="auto", **soka)
     else:
         raise ValueError(f"unknown method {spec.method!r}; allowed: {', '.join(METHODS)}")
     return config
 
 
-def build(model: nn.Module, config: PeftConfig) -> PeftModel:
-    """Wrap ``model`` with the adapter (the timed part: SVD/KPSVD initialisation happens here)."""
+def build(model: nn.Module, config: PeftConfig, calibration: list[dict] | None = None) -> PeftModel:
+    """Wrap ``model`` with the adapter (the timed part: gradient calibration on ``calibration`` batches, for
+    the methods that need it, and SVD/KPSVD initialisation happen here)."""
+    if calibration is not None:
+        calibrate_gradients(model, config, calibration, progress=False)
     return get_peft_model(model, config)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 
-from .methods import LR_GRIDS, METHODS
+from .methods import LR_FROM, LR_GRIDS, METHODS
 from .training import RunConfig, TrainSettings
 
 SOKA_FRACTION = 0.75  # the paper's claim: SoKA at 25 % fewer parameters than LoRA
@@ -39,9 +39,13 @@ def base_config(size: Size, model_dir: str, method: str, rank: int, lr: float, s
 
 
 def grid_runs(size: Size, model_dir: str) -> list[RunConfig]:
-    """Every method at every rate of its grid (or its middle rate without a grid), first seed, grid budget."""
+    """Every method at every rate of its grid (or its middle rate without a grid), first seed, grid budget.
+
+    Methods in ``LR_FROM`` have no grid: they run in the final stage at their sibling's chosen rate."""
     runs = []
     for method in size.methods:
+        if method in LR_FROM:
+            continue
         rates = LR_GRIDS[method] if size.grid else (LR_GRIDS[method][1],)
         runs += [base_config(size, model_dir, method, size.grid_rank, lr, size.seeds[0]) for lr in rates]
     return runs
@@ -53,7 +57,7 @@ def final_runs(size: Size, model_dir: str, best_lr: dict[str, float]) -> list[Ru
     for rank in size.final_ranks:
         for seed in size.seeds:
             for method in size.methods:
-                run = base_config(size, model_dir, method, rank, best_lr[method], seed)
+                run = base_config(size, model_dir, method, rank, best_lr[LR_FROM.get(method, method)], seed)
                 runs.append(run)
                 if method == "soka":
                     runs.append(replace(run, fraction=SOKA_FRACTION))

@@ -21,14 +21,14 @@ def _finite(x: float) -> bool:
 
 
 def choose_rates(grid: list[dict], methods: tuple[str, ...]) -> dict[str, float]:
-    """Per method, the grid rate with the lowest validation loss (diverged runs never win)."""
+    """Per method with a grid, the grid rate with the lowest validation loss (diverged runs never win)."""
     best: dict[str, tuple[float, float]] = {}
     for r in grid:
         method, lr, loss = r["config"]["method"], r["config"]["lr"], r["val_loss"]
         loss = loss if _finite(loss) else math.inf
         if method not in best or loss < best[method][0]:
             best[method] = (loss, lr)
-    return {m: best[m][1] for m in methods}
+    return {m: best[m][1] for m in methods if m in best}
 
 
 def _mean_std(values: list[float]) -> str:

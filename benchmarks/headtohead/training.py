@@ -1,6 +1,6 @@
 """One benchmark run: build the adapter, train on GSM8K in a fixed order, then measure.
 
-Measured: trainable parameters, init seconds, loss and gradient norm per step (the norm of all trainable
+Measured: trainable parameters, init seconds (gradient calibration included for the calibrated methods), loss and gradient norm per step (the norm of all trainable
 gradients before clipping at 1.0), seconds per step, peak memory (CUDA allocator peak, or the process's peak
 RSS on the CPU, since each run is its own process), validation loss (token mean over held-out training rows)
 and GSM8K accuracy on a fixed test subset (greedy, scored by ``axolotl_soka.eval``).
@@ -23,7 +23,7 @@ from axolotl_soka.eval.generate import hf_generate
 from axolotl_soka.eval.scoring import score
 from axolotl_soka.prompts import build_prompt, build_target
 
-from .methods import MethodSpec, build, lora_budget, make_config, trainable
+from .methods import CALIBRATED, CALIBRATION_BATCHES, MethodSpec, build, lora_budget, make_config, trainable
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "data" / "gsm8k"
@@ -125,13 +125,18 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
     budget = int(round(lora_budget(model, cfg.lora_rank) * cfg.fraction))
     config = make_config(model, cfg.spec, cfg.seed)
-    start = time.perf_counter()
-    model = build(model, config)
-    init_seconds = time.perf_counter() - start
-
     rows = read_jsonl(DATA / "train.jsonl")
     train = [encode(tokenizer, r, cfg.max_len) for r in rows[: cfg.n_train]]
     val = [encode(tokenizer, r, cfg.max_len) for r in rows[len(rows) - cfg.n_val :]]
+    calibration = None
+    if cfg.method in CALIBRATED:  # the run's own first training batches
+        calibration = [
+            collate([train[(b * cfg.batch_size + i) % len(train)] for i in range(cfg.batch_size)], pad_id)
+            for b in range(CALIBRATION_BATCHES)
+        ]
+    start = time.perf_counter()
+    model = build(model, config, calibration)
+    init_seconds = time.perf_counter() - start
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     losses, grad_norms, step_seconds = [], [], []

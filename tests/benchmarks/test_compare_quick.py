@@ -33,6 +33,7 @@ def test_quick_mode_runs_every_method_and_writes_the_report(tmp_path: Path) -> N
     names = {r["name"] for r in runs.values()}
     assert names == {
         "lora-r4", "pissa-r4", "lokr-r4", "soka-r4", "soka-zero-r4", "soka-lora-shape-r4", "soka-r4@0.75x",
+        "soka-grad-r4", "soka-grad-auto-r4",
     }  # fmt: skip
     for run in runs.values():
         assert len(run["losses"]) == 3 and all(math.isfinite(x) for x in run["losses"])
@@ -40,7 +41,14 @@ def test_quick_mode_runs_every_method_and_writes_the_report(tmp_path: Path) -> N
         assert run["trainable"] > 0 and run["seconds_per_step"] > 0
     lora = next(r for r in runs.values() if r["name"] == "lora-r4")
     assert lora["trainable"] == lora["budget"]
-    for name in ("soka-r4", "soka-zero-r4", "soka-lora-shape-r4", "soka-r4@0.75x"):
+    for name in (
+        "soka-r4",
+        "soka-zero-r4",
+        "soka-lora-shape-r4",
+        "soka-r4@0.75x",
+        "soka-grad-r4",
+        "soka-grad-auto-r4",
+    ):
         run = next(r for r in runs.values() if r["name"] == name)
         assert run["trainable"] <= run["budget"], name  # SoKA's param_budget is an upper bound
     assert next(r for r in runs.values() if r["name"] == "soka-r4@0.75x")["budget"] == round(
@@ -55,5 +63,6 @@ def test_quick_mode_runs_every_method_and_writes_the_report(tmp_path: Path) -> N
     # a second invocation resumes: every run is already done, nothing is retrained
     again = subprocess.run([*cmd, "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
     progress = [line for line in again.stdout.splitlines() if line.startswith("[")]
-    assert again.returncode == 0 and len(progress) == 6 + 7  # grid stage, then final stage (r4 runs reused)
+    # grid stage (soka-grad-auto has none: it takes soka-grad's rate), then final stage (r4 runs reused)
+    assert again.returncode == 0 and len(progress) == 7 + 9
     assert all(line.endswith("(done)") for line in progress)

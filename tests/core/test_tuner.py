@@ -429,7 +429,7 @@ def test_second_kpsvd_adapter_on_the_same_base_is_refused_before_any_change(trai
     """Loading a kpsvd adapter under a second name would subtract its init from the shared base again."""
     loaded = PeftModel.from_pretrained(copy.deepcopy(trained.original), trained.dir)
     before = {k: v.clone() for k, v in loaded.state_dict().items()}
-    with pytest.raises(ValueError, match="already holds a kpsvd SoKA adapter") as info:
+    with pytest.raises(ValueError, match="already holds a residual-based SoKA adapter") as info:
         loaded.load_adapter(trained.dir, adapter_name="second")
     assert "export_delta_adapter" in str(info.value)
     after = loaded.state_dict()

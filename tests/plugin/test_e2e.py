@@ -146,3 +146,26 @@ def test_inference_with_lora_model_dir(run, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert any(block.strip().startswith("<s> Question") and "Tom has 3 apples" in block
                for block in printed.split("=" * 80))  # fmt: skip
+
+
+def test_gradient_calibrated_auto_shape_budget_run(tiny_model_dir, gsm8k_file, tmp_path):
+    """soka_init: gradient + soka_factor_shape: auto + soka_param_budget through the YAML, 3 training steps."""
+    cfg = base_config(
+        tiny_model_dir, gsm8k_file, tmp_path, max_steps=3, save_steps=3, soka_init="gradient",
+        soka_factor_shape="auto", soka_param_budget=3000, soka_calibration_batches=2, soka_target_modules=["q_proj", "down_proj"],
+        soka_max_rank=64, soka_energy_threshold=1.0, soka_elbow_mode="none",  # the budget alone decides
+    )  # fmt: skip
+    train(write_config(cfg, tmp_path / "config.yml"))
+    out = Path(cfg["output_dir"])
+    report = json.loads((out / "soka_rank_report.json").read_text())
+    modules = report["modules"]
+    assert len(modules) == 4 and all(m["source"] == "gradient" for m in modules)
+    assert all(m["shape_candidates"] and m["shape_candidates"][0]["shape"] == m["shape"] for m in modules)
+    # the greedy allocation stops less than one term short of the budget
+    largest_term = max(m * n + p * q + 1 for m, n, p, q in (mod["shape"] for mod in modules))
+    assert 3000 - largest_term < report["totals"]["trainable_params"] <= 3000
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert saved["init"] == "gradient" and saved["init_source"] == "gradient" and saved["resolved"] is True
+    assert {tuple(v) for v in saved["shape_pattern"].values()} == {tuple(m["shape"]) for m in modules}
+    steps = losses(out / "checkpoint-3" / "trainer_state.json")
+    assert sorted(steps) == [1, 2, 3] and all(math.isfinite(v) for v in steps.values())

@@ -24,11 +24,11 @@ pytest.importorskip("deepspeed")
 from peft import PeftModel, get_peft_model  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from axolotl_soka import SokaConfig, SokaLayer  # noqa: E402
+from axolotl_soka import SokaConfig, SokaLayer, calibrate_gradients  # noqa: E402
 
 WORKER = Path(__file__).with_name("zero3_worker.py")
 sys.path.insert(0, str(WORKER.parent))
-from zero3_worker import SOKA  # noqa: E402
+from zero3_worker import GRAD_SOKA, SOKA, calibration_batches  # noqa: E402
 
 
 def _free_port() -> int:
@@ -106,3 +106,40 @@ def test_saved_adapter_reproduces_trained_zero3_model(zero3_run: tuple[Path, Pat
     with torch.no_grad():
         before = initial(input_ids=trained["probe"]).logits
     assert (before - trained["logits"]).abs().max() > 1e-3, "training through DeepSpeed changed nothing"
+
+
+def test_gradient_calibration_under_zero3_equals_single_process(zero3_run: tuple[Path, Path]) -> None:
+    """Each process calibrates on its own 2 batches of the partitioned model; together they equal one process
+    on all 4, each module's gradient held by its owner (target i on process i mod 2), and the init matches."""
+    model_dir, out_dir = zero3_run
+    original = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = copy.deepcopy(original)
+    config = SokaConfig(**GRAD_SOKA)
+    reference = calibrate_gradients(model, config, calibration_batches(), progress=False)
+    parts = [torch.load(out_dir / f"grads{rank}.pt") for rank in (0, 1)]
+    assert all(part["partitioned_after"] for part in parts), "calibration left weights gathered"
+    assert all(part["batches"] == 4 for part in parts)
+    names = [name for name, _ in original.named_modules() if name in reference.gradients]  # target order
+    assert len(names) == len(reference.gradients) == 6
+    for rank, part in enumerate(parts):
+        assert set(part["gradients"]) == set(names[rank::2])
+        for name, grad in part["gradients"].items():
+            torch.testing.assert_close(grad, reference.gradients[name], rtol=1e-4, atol=1e-6)
+
+    record = torch.load(out_dir / "grad_init.pt")
+    peft_model = get_peft_model(model, config)
+    layers = {name: m for name, m in peft_model.named_modules() if isinstance(m, SokaLayer)}
+    assert set(layers) == set(record)
+    for name, layer in layers.items():
+        got = record[name]
+        assert got["rank"] == layer.r["default"] == 2
+        for key, ours in (("A", layer.soka_A), ("B", layer.soka_B)):
+            # same directions up to each term's sign (the gradient sums differ in rounding order)
+            cos = torch.nn.functional.cosine_similarity(
+                got[key].flatten(1), ours["default"].detach().flatten(1)
+            )
+            assert (cos.abs() > 1 - 1e-4).all(), (name, key, cos)
+        torch.testing.assert_close(got["residual"], layer.get_base_layer().weight.detach(), rtol=0, atol=1e-5)
+    for rank in (0, 1):
+        losses = json.loads((out_dir / f"grad_losses{rank}.json").read_text())
+        assert len(losses) == 2 and all(0.0 < loss < 20.0 for loss in losses)

@@ -35,6 +35,58 @@ DS_CONFIG = {
     "zero_force_ds_cpu_optimizer": False,
 }
 SOKA = dict(max_rank=3, svd="full", energy_threshold=0.5, min_rank=1)
+GRAD_SOKA = dict(init="gradient", max_rank=2, svd="full", target_modules=["q_proj", "v_proj", "down_proj"])
+
+
+def calibration_batches(count: int = 4) -> list[dict[str, torch.Tensor]]:
+    """Fixed batches for the gradient calibration; process ``r`` of 2 takes ``[r::2]``."""
+    g = torch.Generator().manual_seed(77)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(0, 100, (2, 10), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    return out
+
+
+def gradient_run(model_dir: str, out_dir: str, rank: int) -> None:
+    """Calibrate on the partitioned model (each process its own batches), init from the gradient, train 2 steps."""
+    model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    config = SokaConfig(**GRAD_SOKA)
+    calibration = axolotl_soka.calibrate_gradients(
+        model, config, calibration_batches()[rank::2], progress=False
+    )
+    still = all(p.numel() == 0 for p in model.parameters())
+    torch.save(
+        {"gradients": calibration.gradients, "batches": calibration.batches, "partitioned_after": still},
+        os.path.join(out_dir, f"grads{rank}.pt"),
+    )
+    peft_model = get_peft_model(model, config)
+    record = {}
+    for name, module in peft_model.named_modules():
+        if isinstance(module, SokaLayer):
+            base = module.get_base_layer()
+            with gathered([base.weight]):
+                record[name] = {
+                    "rank": module.r["default"],
+                    "A": module.soka_A["default"].detach().clone(),
+                    "B": module.soka_B["default"].detach().clone(),
+                    "s": module.soka_s["default"].detach().clone(),
+                    "residual": base.weight.detach().clone(),
+                }
+    if rank == 0:
+        torch.save(record, os.path.join(out_dir, "grad_init.pt"))
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(
+        model=peft_model, optimizer=torch.optim.AdamW(params, lr=1e-2), config=DS_CONFIG
+    )
+    losses = []
+    for batch in calibration_batches()[rank::2]:
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss))
+    with open(os.path.join(out_dir, f"grad_losses{rank}.json"), "w") as f:
+        json.dump(losses, f)
 
 
 def main(model_dir: str, out_dir: str) -> None:
@@ -89,6 +141,7 @@ def main(model_dir: str, out_dir: str) -> None:
         torch.save({"logits": resumed}, os.path.join(out_dir, "resumed.pt"))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"partitioned": partitioned, "init_seconds": init_seconds, "losses": losses}, f)
+    gradient_run(model_dir, out_dir, rank)
     dist.barrier()
 
 
