@@ -137,20 +137,21 @@ def decide_module(
 def module_budgets(config: SokaConfig, targets: list[Target]) -> dict[str, int]:
     """Parameters each ``auto``-shaped module may spend in the shape search.
 
-    With ``param_budget``: the budget split in proportion to ``out + in`` (LoRA's split at equal rank). Without:
-    what ``max_rank`` terms of the balanced shape would cost.
+    With ``param_budget``: the budget split in proportion to ``out + in`` (LoRA's split at equal rank), but at
+    least one term of the cheapest (balanced) shape, so every module has a candidate; the global allocation
+    then decides which modules get terms. Without: what ``max_rank`` balanced terms would cost.
     """
-    if config.param_budget is not None:
-        budget = parse_budget(config.param_budget)
-        total = sum(t.linear.out_features + t.linear.in_features for t in targets)
-        return {
-            t.name: max(1, int(budget * (t.linear.out_features + t.linear.in_features) / total))
-            for t in targets
-        }
     sigma = _sigma_cost(config)
+    cheapest = {
+        t.name: balanced_shape(t.linear.out_features, t.linear.in_features).params_per_term + sigma
+        for t in targets
+    }
+    if config.param_budget is None:
+        return {name: config.max_rank * cost for name, cost in cheapest.items()}
+    budget = parse_budget(config.param_budget)
+    total = sum(t.linear.out_features + t.linear.in_features for t in targets)
     return {
-        t.name: config.max_rank
-        * (balanced_shape(t.linear.out_features, t.linear.in_features).params_per_term + sigma)
+        t.name: max(cheapest[t.name], int(budget * (t.linear.out_features + t.linear.in_features) / total))
         for t in targets
     }
 

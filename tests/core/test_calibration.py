@@ -234,3 +234,19 @@ def test_auto_shape_without_budget_uses_max_rank_balanced_terms():
         assert sel.trainable_params <= 2 * 129
         w = rearrange(torch.zeros(64, 64), sel.shape)  # the chosen shape multiplies out
         assert w.shape == (sel.shape.m * sel.shape.n, sel.shape.p * sel.shape.q)
+
+
+def test_auto_shape_with_a_budget_below_one_term_per_module_still_has_a_candidate():
+    """A budget smaller than one balanced term per module: every module may still afford the cheapest shape;
+    the global allocation then picks which modules get terms."""
+    model = tiny_llama()
+    # 6 targets; the cheapest term of a (32 or 64)×64 matrix costs 8·8 + 8·8 + 1 = 129 or 4·8 + 8·8 + 1 = 97
+    config = SokaConfig(
+        target_modules=TARGETS, factor_shape="auto", svd="full", param_budget=300, min_rank=0, max_rank=4,
+        energy_threshold=1.0, elbow_mode="none",
+    )  # fmt: skip
+    peft_model = get_peft_model(model, config)
+    selections = peft_model.base_model.soka_selections["default"].values()
+    total = sum(sel.trainable_params for sel in selections)
+    assert 300 - 129 < total <= 300
+    assert any(sel.rank == 0 for sel in selections) and any(sel.rank > 0 for sel in selections)
