@@ -4,6 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# a 2-layer Llama with 64-wide attention and a 96-wide MLP (vocabulary 100), for tests that build it in memory
+TINY_LLAMA = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=100,
+)
+
 TEXTS = [
     "Question: How many apples? Answer: 3 + 4 = 7 #### 7",
     "Problem: Solve x. Solution: \\boxed{2}",

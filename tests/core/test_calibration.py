@@ -5,27 +5,20 @@ import copy
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
+from tiny_models import TINY_LLAMA
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from axolotl_soka import SokaConfig, SokaLayer, calibrate_gradients
 from axolotl_soka.kron import KronShape, energy_kept, kpsvd, rearrange
 from axolotl_soka.tuner.calibration import CALIBRATION_ATTR
 
-LLAMA = dict(
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=100,
-)
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 PROBE = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(99))
 
 
 def tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**LLAMA)).eval()
+    return LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).eval()
 
 
 def make_batches(count: int, seed: int = 7) -> list[dict[str, torch.Tensor]]:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
+from tiny_models import TINY_LLAMA
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -21,14 +22,6 @@ from axolotl_soka.kron import kpsvd
 # the package re-exports a function named like this submodule, so fetch the module itself
 kpsvd_module = importlib.import_module("axolotl_soka.kron.kpsvd")
 
-LLAMA = dict(
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=100,
-)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ALL_TARGETS = [
     f"model.layers.{i}.{block}.{proj}"
@@ -41,7 +34,7 @@ INPUT_IDS = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_see
 
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**LLAMA)).to(dtype).eval()
+    return LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).to(dtype).eval()
 
 
 def logits(model: nn.Module) -> torch.Tensor:

@@ -38,6 +38,23 @@ SOKA = dict(max_rank=3, svd="full", energy_threshold=0.5, min_rank=1)
 GRAD_SOKA = dict(init="gradient", max_rank=2, svd="full", target_modules=["q_proj", "v_proj", "down_proj"])
 
 
+def init_record(peft_model: torch.nn.Module) -> dict[str, dict]:
+    """Per SoKA layer: rank, initial factors and the full (gathered) residual base weight."""
+    record = {}
+    for name, module in peft_model.named_modules():
+        if isinstance(module, SokaLayer):
+            base = module.get_base_layer()
+            with gathered([base.weight]):
+                record[name] = {
+                    "rank": module.r["default"],
+                    "A": module.soka_A["default"].detach().clone(),
+                    "B": module.soka_B["default"].detach().clone(),
+                    "s": module.soka_s["default"].detach().clone(),
+                    "residual": base.weight.detach().clone(),
+                }
+    return record
+
+
 def calibration_batches(count: int = 4) -> list[dict[str, torch.Tensor]]:
     """Fixed batches for the gradient calibration; process ``r`` of 2 takes ``[r::2]``."""
     g = torch.Generator().manual_seed(77)
@@ -61,18 +78,7 @@ def gradient_run(model_dir: str, out_dir: str, rank: int) -> None:
         os.path.join(out_dir, f"grads{rank}.pt"),
     )
     peft_model = get_peft_model(model, config)
-    record = {}
-    for name, module in peft_model.named_modules():
-        if isinstance(module, SokaLayer):
-            base = module.get_base_layer()
-            with gathered([base.weight]):
-                record[name] = {
-                    "rank": module.r["default"],
-                    "A": module.soka_A["default"].detach().clone(),
-                    "B": module.soka_B["default"].detach().clone(),
-                    "s": module.soka_s["default"].detach().clone(),
-                    "residual": base.weight.detach().clone(),
-                }
+    record = init_record(peft_model)
     if rank == 0:
         torch.save(record, os.path.join(out_dir, "grad_init.pt"))
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -100,18 +106,7 @@ def main(model_dir: str, out_dir: str) -> None:
     peft_model = get_peft_model(model, SokaConfig(**SOKA))
     init_seconds = time.perf_counter() - start
 
-    record = {}
-    for name, module in peft_model.named_modules():
-        if isinstance(module, SokaLayer):
-            base = module.get_base_layer()
-            with gathered([base.weight]):
-                record[name] = {
-                    "rank": module.r["default"],
-                    "A": module.soka_A["default"].detach().clone(),
-                    "B": module.soka_B["default"].detach().clone(),
-                    "s": module.soka_s["default"].detach().clone(),
-                    "residual": base.weight.detach().clone(),
-                }
+    record = init_record(peft_model)
     if rank == 0:
         torch.save(record, os.path.join(out_dir, "init.pt"))
 
