@@ -86,16 +86,23 @@ def grid_table(grid: list[dict], best: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def _budget_rank(name: str) -> str:
+    """``"soka-grad-r16@0.75x"`` → ``"16"``."""
+    return name.rsplit("-r", 1)[1].split("@")[0]
+
+
 def verdicts(final: list[dict]) -> list[str]:
-    """Plain sentences comparing SoKA's validation loss with LoRA's and PiSSA's at each budget."""
+    """Plain sentences comparing each SoKA variant's validation loss with LoRA's and PiSSA's at its budget, and
+    the gradient-calibrated variants with weight-based SoKA."""
     groups = _groups(final)
     out = []
     for name, runs in sorted(groups.items()):
-        if not name.startswith("soka-r"):
+        if not name.startswith("soka"):
             continue
-        rank = name.split("-r", 1)[1].split("@")[0]
+        rank = _budget_rank(name)
         soka = statistics.mean(r["val_loss"] for r in runs)
-        for peer in ("lora", "pissa"):
+        peers = ["lora", "pissa"] + (["soka"] if name.startswith("soka-grad") else [])
+        for peer in peers:
             ref_runs = groups.get(f"{peer}-r{rank}")
             if not ref_runs or not _finite(soka):
                 continue
