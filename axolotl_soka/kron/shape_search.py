@@ -105,11 +105,17 @@ def spectrum_twin(shape: KronShape) -> KronShape:
 
 
 def candidate_shapes(
-    out_features: int, in_features: int, budget: int, *, sigma_cost: int = 1, max_terms: int = 64
+    out_features: int,
+    in_features: int,
+    budget: int,
+    *,
+    sigma_cost: int = 1,
+    max_terms: int = 64,
+    min_terms: int = 1,
 ) -> list[KronShape]:
-    """Every ``(m, n, p, q)`` with ``m·p = out``, ``n·q = in`` and one term within budget.
+    """Every ``(m, n, p, q)`` with ``m·p = out``, ``n·q = in`` and ``min_terms`` terms within budget.
 
-    One term fits when ``m·n + p·q + sigma_cost ≤ budget``.
+    They fit when ``min_terms·(m·n + p·q + sigma_cost) ≤ budget``.
     Ordered by ``m`` then ``n`` ascending (divisor order), so deterministic. ``max_terms`` does not filter
     shapes (every fitting shape gets at least one term); it is validated here so both entry points agree.
     Returns an empty list when even the cheapest term exceeds the budget.
@@ -119,11 +125,12 @@ def candidate_shapes(
     _check_int("budget", budget, 1)
     _check_int("sigma_cost", sigma_cost, 0)
     _check_int("max_terms", max_terms, 1)
+    _check_int("min_terms", min_terms, 1)
     shapes = []
     for m in divisors(out_features):
         for n in divisors(in_features):
             shape = KronShape(m, n, out_features // m, in_features // n)
-            if term_cost(shape, sigma_cost) <= budget:
+            if min_terms * term_cost(shape, sigma_cost) <= budget:
                 shapes.append(shape)
     return shapes
 
@@ -138,6 +145,7 @@ def search_shape(
     niter: int = 4,
     oversample: int = 10,
     seed: int = 0,
+    min_terms: int = 1,
     module_name: str = "<module>",
 ) -> ShapeChoice:
     """The factor shape of ``matrix: (out, in)`` that keeps the largest share of ``‖M‖_F²`` within ``budget``.
@@ -146,8 +154,9 @@ def search_shape(
     (``svd="lowrank"``: seeded randomized SVD, exact ``"full"`` SVD whenever ``min(m·n, p·q) ≤
     2·(terms + oversample)``; ``svd="full"``: always exact). Randomized scores are low by up to a few percent
     of themselves on flat (noise-like) spectra, where all shapes score alike and the pick is arbitrary anyway;
-    on decaying spectra they are close to exact. Raises ``ValueError`` for bad arguments and when no
-    term fits the budget (naming the module, its shape, the budget and the cheapest cost).
+    on decaying spectra they are close to exact. Only shapes that afford ``min_terms`` terms compete (a
+    module that must keep ``min_rank`` terms). Raises ``ValueError`` for bad arguments and when no shape
+    affords them (naming the module, its shape, the budget and the cheapest cost).
     """
     if not isinstance(matrix, torch.Tensor) or matrix.dim() != 2:
         got = tuple(matrix.shape) if isinstance(matrix, torch.Tensor) else type(matrix).__name__
@@ -157,13 +166,16 @@ def search_shape(
     _check_int("niter", niter, 0)
     _check_int("oversample", oversample, 0)
     out_features, in_features = (int(s) for s in matrix.shape)
-    shapes = candidate_shapes(out_features, in_features, budget, sigma_cost=sigma_cost, max_terms=max_terms)
+    shapes = candidate_shapes(
+        out_features, in_features, budget, sigma_cost=sigma_cost, max_terms=max_terms, min_terms=min_terms
+    )
     if not shapes:
         cheapest = balanced_shape(out_features, in_features)
         raise ValueError(
             f"parameter budget {budget} for module {module_name!r} with weight (out={out_features}, "
-            f"in={in_features}) is smaller than its cheapest Kronecker term: "
-            f"{term_cost(cheapest, sigma_cost)} parameters (shape {cheapest.as_list()}: m*n + p*q + sigma_cost); raise the budget"
+            f"in={in_features}) is smaller than {min_terms} of its cheapest Kronecker terms: "
+            f"{term_cost(cheapest, sigma_cost)} parameters each (shape {cheapest.as_list()}: m*n + p*q + "
+            "sigma_cost); raise the budget"
         )
 
     m32 = matrix.detach().to(torch.float32)

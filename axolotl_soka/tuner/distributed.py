@@ -43,17 +43,32 @@ def process_info() -> tuple[int, int]:
     return 0, 1
 
 
+def collective_device() -> torch.device:
+    """Where tensors for collectives must live: the current GPU under NCCL, else the CPU."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def broadcast_object(obj: Any, src: int) -> Any:
     """``obj`` from process ``src`` on every process (tensors inside travel on the CPU)."""
     _, world = process_info()
     if world == 1:
         return obj
     holder = [obj]
-    device = None
-    if dist.get_backend() == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    dist.broadcast_object_list(holder, src=src, device=device)
+    device = collective_device()
+    dist.broadcast_object_list(holder, src=src, device=None if device.type == "cpu" else device)
     return holder[0]
+
+
+def all_reduce_values(values: list[float], op: str = "sum") -> list[float]:
+    """Element-wise sum (or ``"max"``) of ``values`` over all processes (a no-op on one process)."""
+    _, world = process_info()
+    if world == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return tensor.cpu().tolist()
 
 
 @contextlib.contextmanager

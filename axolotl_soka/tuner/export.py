@@ -1,6 +1,6 @@
-"""Export a trained ``kpsvd`` SoKA adapter as a residual-free adapter for the untouched pretrained model.
+"""Export a trained ``kpsvd`` (or ``gradient``) SoKA adapter as a residual-free adapter for the untouched model.
 
-A ``kpsvd`` adapter trains on the residual base ``W − ΔW0``. Its effect on the original ``W`` is
+A ``kpsvd`` or ``gradient`` adapter trains on the residual base ``W − ΔW0``. Its effect on the original ``W`` is
 ``ΔW_trained − ΔW0 = alpha · (Σ A_eff_k ⊗ B_k − Σ A0_k ⊗ B0_k) = alpha · Σ [A_eff; A0]_k ⊗ [B; −B0]_k``: itself a
 SoKA adapter with ``2r`` terms and zero init semantics (no residual), the Kronecker analogue of PEFT's
 PiSSA-to-LoRA conversion.
@@ -30,10 +30,10 @@ def export_delta_adapter(
     Load the result with ``PeftModel.from_pretrained(original_model, output_dir)``.
     """
     config = peft_model.peft_config[adapter_name]
-    if getattr(config, "init", None) != "kpsvd":
+    if getattr(config, "init", None) not in ("kpsvd", "gradient"):
         raise ValueError(
-            f"adapter {adapter_name!r} has init={getattr(config, 'init', None)!r}: only kpsvd adapters change the "
-            "base weight, a zero-init adapter already loads on the original model as it is"
+            f"adapter {adapter_name!r} has init={getattr(config, 'init', None)!r}: only kpsvd and gradient adapters "
+            "change the base weight, a zero-init adapter already loads on the original model as it is"
         )
     saved_keys = get_peft_model_state_dict(peft_model, adapter_name=adapter_name).keys()
     prefixes = [k.removesuffix("soka_A") for k in saved_keys if k.endswith(".soka_A")]
@@ -52,6 +52,7 @@ def export_delta_adapter(
         ranks[name] = int(state[prefix + "soka_A"].shape[0])
     delta_config = copy.deepcopy(config)
     delta_config.init = "zero"
+    delta_config.init_source = "weight"
     delta_config.sigma_mode = "sqrt"
     delta_config.rank_pattern = ranks
     delta_config.resolved = True

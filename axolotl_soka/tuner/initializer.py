@@ -28,7 +28,7 @@ from ..kron.shape_search import ShapeChoice, search_shape
 from ..kron.shapes import KronShape, balanced_shape
 from .calibration import GradientCalibration
 from .config import SokaConfig
-from .distributed import broadcast_object, gathered, process_info
+from .distributed import all_reduce_values, broadcast_object, gathered, process_info
 from .selection import lookup_pattern
 from .targets import Target
 
@@ -92,6 +92,7 @@ def decide_module(
             niter=config.svd_niter,
             oversample=config.svd_oversample,
             seed=config.seed,
+            min_terms=max(1, config.min_rank),
             module_name=key,
         )
         shape = search.best.shape
@@ -122,6 +123,11 @@ def decide_module(
     if config.init == "gradient":
         A, B = result.A[:r], result.B[:r]
         S = kron_coefficients(weight, A, B)
+        if config.sigma_mode == "sqrt" and r > 0:
+            # √|c| goes into both factors: a coefficient near 0 would leave a dead term. Any coefficient keeps
+            # the outputs exact (the residual is W minus the stored initial terms), so floor its size.
+            floor = 1e-2 * float(S.abs().max().clamp_min(1e-12))
+            S = torch.where(S < 0, -1.0, 1.0) * S.abs().clamp_min(floor)
         factors = KPSVDResult(
             A=A.cpu(), B=B.cpu(), S=S.cpu(), total_energy=float(weight.float().pow(2).sum())
         )
@@ -138,16 +144,19 @@ def module_budgets(config: SokaConfig, targets: list[Target]) -> dict[str, int]:
     """Parameters each ``auto``-shaped module may spend in the shape search.
 
     With ``param_budget``: the budget split in proportion to ``out + in`` (LoRA's split at equal rank), but at
-    least one term of the cheapest (balanced) shape, so every module has a candidate; the global allocation
-    then decides which modules get terms. Without: what ``max_rank`` balanced terms would cost.
+    least ``max(1, min_rank)`` terms of the cheapest (balanced) shape, so every module has a candidate; the
+    global allocation then decides which modules get terms. Without: what ``max_rank`` balanced terms would
+    cost.
     """
     sigma = _sigma_cost(config)
+    floor_terms = max(1, config.min_rank)
     cheapest = {
-        t.name: balanced_shape(t.linear.out_features, t.linear.in_features).params_per_term + sigma
+        t.name: floor_terms
+        * (balanced_shape(t.linear.out_features, t.linear.in_features).params_per_term + sigma)
         for t in targets
     }
     if config.param_budget is None:
-        return {name: config.max_rank * cost for name, cost in cheapest.items()}
+        return {name: config.max_rank * cost // floor_terms for name, cost in cheapest.items()}
     budget = parse_budget(config.param_budget)
     total = sum(t.linear.out_features + t.linear.in_features for t in targets)
     return {
@@ -171,10 +180,12 @@ def _check_calibration(
     missing = [
         t.name for i, t in enumerate(targets) if i % world == rank and t.name not in calibration.gradients
     ]
-    if missing:
+    if all_reduce_values([len(missing)], op="max")[0] > 0:  # every process raises, none hangs
+        first = f" (first: {missing[0]!r})" if missing else " on another process"
         raise ValueError(
-            f"the gradient calibration has no gradient for {len(missing)} target modules (first: {missing[0]!r}); "
-            "calibrate with the same model and config (target_modules, exclude_modules) as get_peft_model"
+            f"the gradient calibration has no gradient for {len(missing) or 'some'} target modules{first}; "
+            "calibrate with the same model and config (target_modules, exclude_modules) as get_peft_model, and "
+            "check that every target takes part in the forward pass"
         )
 
 
@@ -211,8 +222,11 @@ def decide_all(
                         weight = target.linear.weight.detach().to(torch.float32, copy=True)
             local = None
             if mine is not None:
-                gradient = calibration.gradients.get(mine.name) if calibration is not None else None
+                gradient = calibration.gradients.pop(mine.name, None) if calibration is not None else None
+                if gradient is not None:
+                    gradient = gradient.to(weight.device)  # decompose where the weight lives (GPU if any)
                 local = decide_module(config, mine.name, weight, mine.shape, gradient, budgets.get(mine.name))
+                del gradient
             del weight
             for offset, target in enumerate(group):
                 results[target.name] = broadcast_object(local if offset == rank else None, src=offset)

@@ -60,9 +60,9 @@ class SokaModel(BaseTuner):
         and initial factors (using the gradient calibration attached to ``model``, if any)."""
         self.__dict__.setdefault("soka_selections", {})
         self.__dict__.setdefault("_soka_inits", {})
+        calibration = take_calibration(model)  # consumed (and its memory released) whatever happens next
         config = self._prepare_adapter_config(config, self.get_model_config(model))
         targets = find_targets(model, config)
-        calibration = take_calibration(model)
         inits = decide_all(config, targets, calibration, desc=f"SoKA init ({adapter_name})")
         self._soka_inits[adapter_name] = inits
         self.soka_selections[adapter_name] = {

@@ -77,7 +77,7 @@ def find_targets(model: nn.Module, config: SokaConfig) -> list[Target]:
         reason = unsupported_reason(module)
         if reason is not None:
             raise ValueError(f"target module {key!r} {reason}")
-        if config.init != "zero" and isinstance(module, SokaLayer) and module.soka_residual:
+        if config.init != "zero" and isinstance(module, SokaLayer) and any(module.soka_residual.values()):
             raise ValueError(
                 f"module {key!r} already holds a residual-based SoKA adapter (init kpsvd or gradient: the base "
                 f"weight now carries W minus its initial factors); a second {config.init} adapter would take its "

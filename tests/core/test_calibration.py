@@ -1,14 +1,16 @@
 """Gradient calibration, ``init_source="gradient"``, ``init="gradient"`` and ``factor_shape="auto"`` on a tiny Llama."""
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from tiny_models import TINY_LLAMA
+from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from axolotl_soka import SokaConfig, SokaLayer, calibrate_gradients
+from axolotl_soka import SokaConfig, SokaLayer, calibrate_gradients, export_delta_adapter
 from axolotl_soka.kron import KronShape, energy_kept, kpsvd, rearrange
 from axolotl_soka.tuner.calibration import CALIBRATION_ATTR
 
@@ -243,3 +245,88 @@ def test_auto_shape_with_a_budget_below_one_term_per_module_still_has_a_candidat
     total = sum(sel.trainable_params for sel in selections)
     assert 300 - 129 < total <= 300
     assert any(sel.rank == 0 for sel in selections) and any(sel.rank > 0 for sel in selections)
+
+
+def test_gradient_adapter_exports_a_delta_for_the_untouched_model(tmp_path):
+    config = SokaConfig(target_modules=TARGETS, init="gradient", svd="full", max_rank=2)
+    original, model = calibrated(config)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for layer in peft_model.modules():
+            if isinstance(layer, SokaLayer):
+                layer.soka_s["default"].mul_(1.5)  # stands in for training
+    trained = logits(peft_model)
+    export_delta_adapter(peft_model, tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert (logits(loaded) - trained).abs().max() <= 1e-5 * trained.abs().max()
+
+
+def test_sqrt_mode_gradient_init_has_no_dead_terms():
+    config = SokaConfig(target_modules=TARGETS, init="gradient", svd="full", max_rank=4, sigma_mode="sqrt")
+    original, model = calibrated(config)
+    peft_model = get_peft_model(model, config)
+    for layer in peft_model.modules():
+        if isinstance(layer, SokaLayer):
+            a_norms = layer.soka_A["default"].detach().flatten(1).norm(dim=1)
+            assert (a_norms >= 0.09 * a_norms.max()).all()  # |c| floored at 1 % of the largest: √ ≥ 10 %
+    assert (logits(peft_model) - logits(original)).abs().max() <= 1e-5 * logits(original).abs().max()
+
+
+def test_auto_shape_leaves_room_for_min_rank():
+    """A shape that one term of fits best must not win when min_rank of its terms overflow the budget."""
+    model = tiny_llama()
+    g = torch.Generator().manual_seed(5)
+    for layer in model.model.layers:
+        for proj in (layer.self_attn.q_proj, layer.self_attn.o_proj):  # (64, 64) = (2, 64) ⊗ (32, 1) exactly
+            with torch.no_grad():
+                proj.weight.copy_(torch.kron(torch.randn(2, 64, generator=g), torch.randn(32, 1, generator=g)))
+    budget = 4 * 2 * 129  # two balanced (8, 8, 8, 8) terms per module; one [2, 64, 32, 1] term costs 161
+    config = SokaConfig(
+        target_modules=["q_proj", "o_proj"], factor_shape="auto", svd="full", min_rank=2, max_rank=4,
+        param_budget=budget,
+    )  # fmt: skip
+    peft_model = get_peft_model(model, config)
+    selections = list(peft_model.base_model.soka_selections["default"].values())
+    assert all(sel.rank >= 2 and sel.shape.params_per_term <= 128 for sel in selections)
+    assert sum(sel.trainable_params for sel in selections) <= budget
+
+
+class KeywordModel(nn.Module):
+    """Calls its projection by keyword and changes the projection's output in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(20, 8)
+        self.proj = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 20)
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, input_ids, labels, attention_mask=None):
+        h = self.proj(input=self.embed(input_ids))
+        h.mul_(2.0)
+        logits = self.head(self.drop(h))
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return SimpleNamespace(loss=loss)
+
+
+def test_keyword_calls_in_place_outputs_and_per_module_modes():
+    model = KeywordModel()
+    model.train()
+    model.drop.eval()  # a submodule in another mode than its parent
+    ids = torch.randint(0, 20, (2, 5), generator=torch.Generator().manual_seed(0))
+    result = calibrate_gradients(
+        model, SokaConfig(target_modules=["proj"]), [{"input_ids": ids, "labels": ids}], progress=False
+    )
+    assert model.training and not model.drop.training
+    reference = KeywordModel()
+    reference.eval()
+    reference(input_ids=ids, labels=ids).loss.backward()
+    torch.testing.assert_close(result.gradients["proj"], reference.proj.weight.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_batch_without_labels_is_refused_with_a_message():
+    with pytest.raises(ValueError, match="has no labels"):
+        calibrate_gradients(
+            tiny_llama(), SokaConfig(target_modules=TARGETS), [{"input_ids": PROBE}], progress=False
+        )
