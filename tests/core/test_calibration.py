@@ -279,7 +279,9 @@ def test_auto_shape_leaves_room_for_min_rank():
     for layer in model.model.layers:
         for proj in (layer.self_attn.q_proj, layer.self_attn.o_proj):  # (64, 64) = (2, 64) ⊗ (32, 1) exactly
             with torch.no_grad():
-                proj.weight.copy_(torch.kron(torch.randn(2, 64, generator=g), torch.randn(32, 1, generator=g)))
+                proj.weight.copy_(
+                    torch.kron(torch.randn(2, 64, generator=g), torch.randn(32, 1, generator=g))
+                )
     budget = 4 * 2 * 129  # two balanced (8, 8, 8, 8) terms per module; one [2, 64, 32, 1] term costs 161
     config = SokaConfig(
         target_modules=["q_proj", "o_proj"], factor_shape="auto", svd="full", min_rank=2, max_rank=4,
