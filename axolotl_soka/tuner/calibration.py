@@ -159,8 +159,9 @@ def calibrate_gradients(
                 loss.backward()
                 _check_folds(folds, targets)
                 labelled = int((inputs["labels"][..., 1:] != -100).sum())
-                if math.isfinite(float(loss)) and labelled:
-                    loss_sum += float(loss) * labelled
+                value = float(loss.detach())
+                if math.isfinite(value) and labelled:
+                    loss_sum += value * labelled
                 tokens += labelled
                 seen += 1
                 del loss, inputs
