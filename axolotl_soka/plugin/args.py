@@ -177,8 +177,8 @@ class SokaArgs(BaseModel):
     soka_init: str = Field(
         default="kpsvd",
         description="kpsvd: principal Kronecker components of W, base becomes the residual; gradient: principal "
-        "components of the calibrated training-loss gradient, scaled by W's projection on them, base becomes the "
-        "residual; zero: ΔW starts at 0.",
+        "components of the calibrated training-loss gradient, scaled by W's Kronecker singular values, base becomes "
+        "the residual; zero: ΔW starts at 0.",
     )
     soka_init_source: str | None = Field(
         default=None,

@@ -81,7 +81,7 @@ class SokaConfig(PeftConfig):
         default="kpsvd",
         metadata={
             "help": "kpsvd (principal Kronecker components of W, residual base), gradient (principal components "
-            "of the calibrated gradient, scaled by W's projection on them, residual base) or zero."
+            "of the calibrated gradient, scaled by W's Kronecker singular values, residual base) or zero."
         },
     )
     init_source: str | None = field(

@@ -10,8 +10,9 @@ floating-point noise their own hardware would have produced, and init time falls
 The spectrum that chooses ranks (and budget shares and ``auto`` shapes) is the KPSVD of the weight
 (``init_source="weight"``) or of the calibrated mean gradient ``Ḡ`` (``"gradient"``; target ``i``'s gradient
 is held by process ``i mod W``, the one that decomposes it). The initial factors are the top KPSVD terms of
-``W`` (``init="kpsvd"``), or those of ``Ḡ`` with coefficients ``c_k = ⟨W, A_k ⊗ B_k⟩`` (``init="gradient"``),
-so the residual ``W − Σ c_k A_k ⊗ B_k`` keeps the outputs unchanged at step 0.
+``W`` (``init="kpsvd"``), or those of ``Ḡ`` scaled by W's own Kronecker singular values
+(``init="gradient"``, :func:`gradient_init_coefficients`); either way the residual ``W − Σ c_k A_k ⊗ B_k``
+keeps the outputs unchanged at step 0.
 """
 
 from __future__ import annotations
@@ -122,12 +123,7 @@ def decide_module(
     r = decision.rank
     if config.init == "gradient":
         A, B = result.A[:r], result.B[:r]
-        S = kron_coefficients(weight, A, B)
-        if config.sigma_mode == "sqrt" and r > 0:
-            # √|c| goes into both factors: a coefficient near 0 would leave a dead term. Any coefficient keeps
-            # the outputs exact (the residual is W minus the stored initial terms), so floor its size.
-            floor = 1e-2 * float(S.abs().max().clamp_min(1e-12))
-            S = torch.where(S < 0, -1.0, 1.0) * S.abs().clamp_min(floor)
+        S = gradient_init_coefficients(config, weight, shape, A, B)
         factors = KPSVDResult(
             A=A.cpu(), B=B.cpu(), S=S.cpu(), total_energy=float(weight.float().pow(2).sum())
         )
@@ -138,6 +134,27 @@ def decide_module(
             A=result.A[:r].cpu(), B=result.B[:r].cpu(), S=result.S[:r].cpu(), total_energy=result.total_energy
         )
     return ModuleInit(decision=decision, factors=factors, shape=shape, search=search)
+
+
+def gradient_init_coefficients(
+    config: SokaConfig, weight: torch.Tensor, shape: KronShape, A: torch.Tensor, B: torch.Tensor
+) -> torch.Tensor:
+    """Coefficients ``c: (r,)`` of the gradient's top terms ``A_k ⊗ B_k`` in ``ΔW_0 = Σ c_k A_k ⊗ B_k``.
+
+    ``|c_k| = σ_k(W)``, the weight's own ``k``-th Kronecker singular value, with the sign of W's projection
+    ``⟨W, A_k ⊗ B_k⟩``. The projection itself is usually tiny (the gradient's directions are not W's), and the
+    factors' gradients scale with ``c``, so a projection-sized start learns slowly (measured in
+    docs/benchmarks.md); any ``c`` keeps the model exact at step 0, since the base keeps ``W − ΔW_0``.
+    """
+    r = A.shape[0]
+    if r == 0:
+        return torch.zeros(0)
+    projection = kron_coefficients(weight, A, B)
+    spectrum = _kpsvd(config, weight, shape, r).S.to(projection)
+    sizes = torch.zeros(r, dtype=projection.dtype, device=projection.device)
+    sizes[: spectrum.numel()] = spectrum
+    sizes = sizes.clamp_min(1e-2 * float(sizes.max().clamp_min(1e-12)))  # never a dead term (sqrt mode)
+    return torch.where(projection < 0, -1.0, 1.0).to(projection) * sizes
 
 
 def module_budgets(config: SokaConfig, targets: list[Target]) -> dict[str, int]:

@@ -110,6 +110,14 @@ def test_gradient_init_keeps_outputs_and_takes_the_gradient_directions(sigma_mod
         cos_a = torch.nn.functional.cosine_similarity(a0[k].flatten(), expected.A[k].flatten(), dim=0)
         cos_b = torch.nn.functional.cosine_similarity(b0[k].flatten(), expected.B[k].flatten(), dim=0)
         assert abs(float(cos_a)) > 1 - 1e-5 and abs(float(cos_b)) > 1 - 1e-5
+    # coefficients as large as W's own Kronecker singular values (sign of W's projection)
+    w = original.model.layers[0].self_attn.v_proj.weight
+    w_top = kpsvd(w, shape, 2, method="full").S
+    if sigma_mode == "separate":
+        torch.testing.assert_close(layer.soka_s["default"].detach().abs(), w_top, rtol=1e-5, atol=1e-7)
+    else:
+        norms = layer.soka_A["default"].detach().flatten(1).norm(dim=1) ** 2  # √σ in A (unit-norm factors)
+        torch.testing.assert_close(norms, w_top, rtol=1e-4, atol=1e-7)
     # residual + initial delta = original weight
     restored = layer.get_base_layer().weight + layer.init_delta_weight("default")
     torch.testing.assert_close(restored, original.model.layers[0].self_attn.v_proj.weight, rtol=0, atol=1e-5)
