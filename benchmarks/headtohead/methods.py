@@ -25,7 +25,7 @@ LR_GRIDS = {
     "soka": (1e-4, 3e-4, 1e-3),
     "soka-zero": (1e-3, 3e-3, 1e-2),
     "soka-lora-shape": (1e-4, 3e-4, 1e-3),
-    "soka-grad": (3e-4, 1e-3, 3e-3),
+    "soka-grad": (1e-4, 3e-4, 1e-3),  # its terms start at W's Kronecker singular values, as soka's do
 }
 # methods without a grid of their own take a sibling's chosen rate (less tuning, never more)
 LR_FROM = {"soka-grad-auto": "soka-grad"}
