@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
 
 def _finite(x: float) -> bool:
@@ -140,18 +141,29 @@ def plot(final: list[dict], out: Path, prefix: str) -> list[Path]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    methods = sorted({name.split("-r")[0] for name in groups})
+    colors = plt.get_cmap("tab10")
     for name, runs in sorted(groups.items()):
         x = runs[0]["trainable"]
-        axes[0].scatter([x] * len(runs), [r["val_loss"] for r in runs], label=name)
-        axes[1].scatter([x] * len(runs), [r["accuracy"] for r in runs], label=name)
+        method = name.split("-r")[0]
+        style = dict(  # one colour per method, one marker per budget (hollow: SoKA's 0.75× budget)
+            color=colors(methods.index(method) % 10),
+            marker="o" if runs[0]["config"]["lora_rank"] == min(budgets) else "s",
+            facecolors="none" if "@" in name else None,
+            label=name,
+        )
+        axes[0].scatter([x] * len(runs), [r["val_loss"] for r in runs], **style)
+        axes[1].scatter([x] * len(runs), [r["accuracy"] for r in runs], **style)
     counts = [runs[0]["trainable"] for runs in groups.values()]
     for ax, label in zip(axes, ("validation loss", "GSM8K accuracy"), strict=True):
         ax.set_xscale("log")
         ax.set_xlim(min(counts) / 1.3, max(counts) * 1.3)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v / 1e6:g}M"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("trainable parameters")
         ax.set_ylabel(label)
-    axes[1].legend(fontsize=7, loc="best")
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     path = out / f"{prefix}-vs-params.png"
     fig.savefig(path, dpi=110)
