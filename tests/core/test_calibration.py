@@ -148,15 +148,20 @@ def test_gradient_source_chooses_ranks_from_the_gradient_spectrum_with_weight_fa
     torch.testing.assert_close(layer.soka_s["default"].detach(), top.S, rtol=1e-5, atol=1e-6)
 
 
-def test_gradient_adapter_saves_and_loads_without_calibration(tmp_path):
+def trained_gradient_adapter() -> tuple[LlamaForCausalLM, PeftModel, torch.Tensor]:
+    """``(original model, gradient-initialised PEFT model with changed σ, its logits)``."""
     config = SokaConfig(target_modules=TARGETS, init="gradient", svd="full", max_rank=2)
     original, model = calibrated(config)
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for layer in peft_model.modules():
             if isinstance(layer, SokaLayer):
-                layer.soka_s["default"].add_(0.3)  # stands in for training
-    trained = logits(peft_model)
+                layer.soka_s["default"].mul_(1.5).add_(0.3)  # stands in for training
+    return original, peft_model, logits(peft_model)
+
+
+def test_gradient_adapter_saves_and_loads_without_calibration(tmp_path):
+    original, peft_model, trained = trained_gradient_adapter()
     peft_model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
     assert (logits(loaded) - trained).abs().max() <= 1e-5 * trained.abs().max()
@@ -256,14 +261,7 @@ def test_auto_shape_with_a_budget_below_one_term_per_module_still_has_a_candidat
 
 
 def test_gradient_adapter_exports_a_delta_for_the_untouched_model(tmp_path):
-    config = SokaConfig(target_modules=TARGETS, init="gradient", svd="full", max_rank=2)
-    original, model = calibrated(config)
-    peft_model = get_peft_model(model, config)
-    with torch.no_grad():
-        for layer in peft_model.modules():
-            if isinstance(layer, SokaLayer):
-                layer.soka_s["default"].mul_(1.5)  # stands in for training
-    trained = logits(peft_model)
+    _, peft_model, trained = trained_gradient_adapter()
     export_delta_adapter(peft_model, tmp_path)
     loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
     assert (logits(loaded) - trained).abs().max() <= 1e-5 * trained.abs().max()
