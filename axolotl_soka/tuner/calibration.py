@@ -204,5 +204,4 @@ def _check_folds(folds: list[int], targets: list) -> None:
 
 def take_calibration(model: nn.Module) -> GradientCalibration | None:
     """The calibration attached to ``model`` by :func:`calibrate_gradients`, removed from it (memory)."""
-    calibration = model.__dict__.pop(CALIBRATION_ATTR, None)
-    return calibration
+    return model.__dict__.pop(CALIBRATION_ATTR, None)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..kron.budget import BudgetItem, allocate_budget, parse_budget
 from ..kron.kpsvd import KPSVDResult, kpsvd, kron_coefficients
 from ..kron.rank import RankDecision, energy_kept, select_rank
-from ..kron.shape_search import ShapeChoice, search_shape
+from ..kron.shape_search import ShapeChoice, search_shape, term_cost
 from ..kron.shapes import KronShape, balanced_shape
 from .calibration import GradientCalibration
 from .config import SokaConfig
@@ -165,19 +165,20 @@ def module_budgets(config: SokaConfig, targets: list[Target]) -> dict[str, int]:
     global allocation then decides which modules get terms. Without: what ``max_rank`` balanced terms would
     cost.
     """
-    sigma = _sigma_cost(config)
-    floor_terms = max(1, config.min_rank)
-    cheapest = {
-        t.name: floor_terms
-        * (balanced_shape(t.linear.out_features, t.linear.in_features).params_per_term + sigma)
+    cheapest_term = {
+        t.name: term_cost(balanced_shape(t.linear.out_features, t.linear.in_features), _sigma_cost(config))
         for t in targets
     }
     if config.param_budget is None:
-        return {name: config.max_rank * cost // floor_terms for name, cost in cheapest.items()}
+        return {name: config.max_rank * cost for name, cost in cheapest_term.items()}
     budget = parse_budget(config.param_budget)
+    floor_terms = max(1, config.min_rank)
     total = sum(t.linear.out_features + t.linear.in_features for t in targets)
     return {
-        t.name: max(cheapest[t.name], int(budget * (t.linear.out_features + t.linear.in_features) / total))
+        t.name: max(
+            floor_terms * cheapest_term[t.name],
+            int(budget * (t.linear.out_features + t.linear.in_features) / total),
+        )
         for t in targets
     }
 
@@ -268,7 +269,7 @@ def apply_budget(config: SokaConfig, results: dict[str, ModuleInit], targets: li
             BudgetItem(
                 spectrum=torch.tensor(decision.spectrum, dtype=torch.float64),
                 total_energy=decision.total_energy,
-                cost=init.shape.params_per_term + _sigma_cost(config),
+                cost=term_cost(init.shape, _sigma_cost(config)),
                 min_rank=decision.rank if fixed else min(config.min_rank, decision.rank),
                 cap=decision.rank,
             )

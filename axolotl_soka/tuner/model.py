@@ -13,7 +13,7 @@ from .config import SokaConfig
 from .initializer import ModuleInit, decide_all
 from .layer import SokaLayer, SokaLinear
 from .selection import ModuleSelection
-from .targets import find_targets
+from .targets import default_targets, find_targets
 
 
 def _top_candidates(init: ModuleInit, count: int = 5) -> list[dict[str, Any]] | None:
@@ -40,9 +40,7 @@ class SokaModel(BaseTuner):
 
     # ---------------------------------------------------------------- preparation
     def _prepare_adapter_config(self, peft_config: SokaConfig, model_config: dict) -> SokaConfig:
-        if peft_config.target_modules is None:
-            peft_config.target_modules = "all-linear"
-        return peft_config
+        return default_targets(peft_config)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         """Plan (validate, decide ranks, decompose), create the layers, then record the decisions in the config.
@@ -61,7 +59,6 @@ class SokaModel(BaseTuner):
         self.__dict__.setdefault("soka_selections", {})
         self.__dict__.setdefault("_soka_inits", {})
         calibration = take_calibration(model)  # consumed (and its memory released) whatever happens next
-        config = self._prepare_adapter_config(config, self.get_model_config(model))
         targets = find_targets(model, config)
         inits = decide_all(config, targets, calibration, desc=f"SoKA init ({adapter_name})")
         self._soka_inits[adapter_name] = inits

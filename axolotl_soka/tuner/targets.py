@@ -58,15 +58,20 @@ def unsupported_reason(module: nn.Module) -> str | None:
     return None
 
 
+def default_targets(config: SokaConfig) -> SokaConfig:
+    """``target_modules=None`` means PEFT's ``all-linear`` (every linear layer but the output head)."""
+    if config.target_modules is None:
+        config.target_modules = "all-linear"
+    return config
+
+
 def find_targets(model: nn.Module, config: SokaConfig) -> list[Target]:
     """Every module ``config`` targets, in ``named_modules`` order, each checked (type, shape, second adapter).
 
     ``target_modules=None`` means every linear layer except the output head (PEFT's ``all-linear``). Raises
     ``ValueError`` naming the module for anything that cannot be adapted, and when nothing matches.
     """
-    if config.target_modules is None:
-        config.target_modules = "all-linear"
-    config = _maybe_include_all_linear_layers(config, model)
+    config = _maybe_include_all_linear_layers(default_targets(config), model)
     targets: list[Target] = []
     for key, module in model.named_modules():
         if not key or any(key.startswith(t.name + ".") for t in targets):
