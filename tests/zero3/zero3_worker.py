@@ -55,6 +55,21 @@ def init_record(peft_model: torch.nn.Module) -> dict[str, dict]:
     return record
 
 
+def train_steps(peft_model: torch.nn.Module, batches: list[dict]) -> tuple[object, list[float]]:
+    """``deepspeed.initialize`` with AdamW (lr 1e-2), then one optimiser step per batch; ``(engine, losses)``."""
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(
+        model=peft_model, optimizer=torch.optim.AdamW(params, lr=1e-2), config=DS_CONFIG
+    )
+    losses = []
+    for batch in batches:
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss))
+    return engine, losses
+
+
 def calibration_batches(count: int = 4) -> list[dict[str, torch.Tensor]]:
     """Fixed batches for the gradient calibration; process ``r`` of 2 takes ``[r::2]``."""
     g = torch.Generator().manual_seed(77)
@@ -69,9 +84,8 @@ def gradient_run(model_dir: str, out_dir: str, rank: int) -> None:
     """Calibrate on the partitioned model (each process its own batches), init from the gradient, train 2 steps."""
     model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
     config = SokaConfig(**GRAD_SOKA)
-    calibration = axolotl_soka.calibrate_gradients(
-        model, config, calibration_batches()[rank::2], progress=False
-    )
+    batches = calibration_batches()[rank::2]
+    calibration = axolotl_soka.calibrate_gradients(model, config, batches, progress=False)
     still = all(p.numel() == 0 for p in model.parameters())
     torch.save(
         {"gradients": calibration.gradients, "batches": calibration.batches, "partitioned_after": still},
@@ -81,16 +95,7 @@ def gradient_run(model_dir: str, out_dir: str, rank: int) -> None:
     record = init_record(peft_model)
     if rank == 0:
         torch.save(record, os.path.join(out_dir, "grad_init.pt"))
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(
-        model=peft_model, optimizer=torch.optim.AdamW(params, lr=1e-2), config=DS_CONFIG
-    )
-    losses = []
-    for batch in calibration_batches()[rank::2]:
-        loss = engine(**batch).loss
-        engine.backward(loss)
-        engine.step()
-        losses.append(float(loss))
+    _, losses = train_steps(peft_model, batches)
     with open(os.path.join(out_dir, f"grad_losses{rank}.json"), "w") as f:
         json.dump(losses, f)
 
@@ -110,19 +115,9 @@ def main(model_dir: str, out_dir: str) -> None:
     if rank == 0:
         torch.save(record, os.path.join(out_dir, "init.pt"))
 
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(
-        model=peft_model, optimizer=torch.optim.AdamW(params, lr=1e-2), config=DS_CONFIG
-    )
     torch.manual_seed(1234)
-    batches = [torch.randint(0, 100, (1, 12)) for _ in range(2 * 4)]
-    losses = []
-    for step in range(4):
-        ids = batches[2 * step + rank]
-        loss = engine(input_ids=ids, labels=ids).loss
-        engine.backward(loss)
-        engine.step()
-        losses.append(float(loss))
+    ids = [torch.randint(0, 100, (1, 12)) for _ in range(2 * 4)]
+    engine, losses = train_steps(peft_model, [{"input_ids": x, "labels": x} for x in ids[rank::2]])
     engine.eval()
     probe = torch.arange(20).reshape(2, 10) % 100
     with torch.no_grad():
