@@ -61,6 +61,9 @@ BAD_VALUES = [
     ({"soka_shape_pattern": {"q_proj": "wide"}}, ["soka_shape_pattern", "'wide'", "balanced, lora"]),
     ({"soka_target_modules": []}, ["soka_target_modules", "[]", "non-empty list"]),
     ({"soka_eval_task": "humaneval"}, ["soka_eval_task", "'humaneval'", "gsm8k, math, mbpp"]),
+    ({"soka_init_source": "task"}, ["soka_init_source", "'task'", "weight, gradient"]),
+    ({"soka_init": "gradient", "soka_init_source": "weight"}, ["soka_init_source must be 'gradient'"]),
+    ({"soka_calibration_batches": 0}, ["soka_calibration_batches", "0", "positive integer"]),
     ({"soka_min_rank": 5, "soka_max_rank": 2}, ["soka_min_rank (5)", "soka_max_rank (2)"]),
     (
         {"soka_rank_combine": "elbow", "soka_elbow_mode": "none"},
