@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .apply_autograd import KronApply, chunk_tokens_for
+
 
 def contraction_costs(m: int, n: int, p: int, q: int) -> tuple[int, int]:
     """Multiply-adds per token and term of the two contraction orders: ``(B first, A first)``.
@@ -18,30 +20,34 @@ def contraction_costs(m: int, n: int, p: int, q: int) -> tuple[int, int]:
     return n * p * (q + m), m * q * (n + p)
 
 
-def kron_apply(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+def kron_apply(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, chunk_tokens: int | None = None
+) -> torch.Tensor:
     """``y = x · (Σ_k A_k ⊗ B_k)ᵀ`` for ``x: (..., n·q)`` → ``y: (..., m·p)``.
 
-    All terms at once as two matrix products (the sum over ``k`` is folded into the second product's inner
-    dimension), in the cheaper of the two contraction orders; ``ΔW`` is never formed.
+    All terms at once (the sum over ``k`` is folded into the second product's inner dimension), in the
+    cheaper of the two contraction orders; ``ΔW`` is never formed and the ``r·n·p``-per-token intermediate is
+    not kept for backward (:class:`~axolotl_soka.kron.apply_autograd.KronApply` recomputes it). Tokens run in
+    chunks of ``chunk_tokens`` (default: a cache-sized chunk on a CPU, a whole micro-batch on a GPU).
+    Under ``torch.autocast`` the product runs in the autocast dtype, like ``torch.matmul`` would.
     """
     r, m, n = A.shape
     _, p, q = B.shape
     lead = x.shape[:-1]
+    device_type = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, A, B = x.to(dtype), A.to(dtype), B.to(dtype)
     tokens = x.reshape(-1, n, q)  # (N, n, q)
-    N = tokens.shape[0]
     b_first, a_first = contraction_costs(m, n, p, q)
-    if b_first <= a_first:
-        t = tokens.reshape(N * n, q) @ B.reshape(r * p, q).T  # (N·n, r·p): T[j, k, a] = Σ_b X[j,b] B_k[a,b]
-        t = t.reshape(N, n, r, p).permute(0, 3, 2, 1).reshape(N * p, r * n)
-        y = t @ A.permute(1, 0, 2).reshape(m, r * n).T  # (N·p, m): Σ_k Σ_j A_k[i,j] T[j,k,a]
-        y = y.reshape(N, p, m).transpose(1, 2)
-    else:
-        t = (
-            tokens.transpose(1, 2).reshape(N * q, n) @ A.reshape(r * m, n).T
-        )  # (N·q, r·m): Σ_j A_k[i,j] X[j,b]
-        t = t.reshape(N, q, r, m).permute(0, 3, 2, 1).reshape(N * m, r * q)
-        y = t @ B.permute(1, 0, 2).reshape(p, r * q).T  # (N·m, p): Σ_k Σ_b B_k[a,b] T[k,i,b]
-        y = y.reshape(N, m, p)
+    transpose = a_first < b_first
+    if chunk_tokens is None:
+        chunk_tokens = chunk_tokens_for(r * (m * q if transpose else n * p), x.dtype, x.device)
+    with torch.autocast(device_type, enabled=False):
+        if transpose:
+            y = KronApply.apply(tokens, B, A, True, chunk_tokens)
+        else:
+            y = KronApply.apply(tokens, A, B, False, chunk_tokens)
     return y.reshape(*lead, m * p)
 
 
