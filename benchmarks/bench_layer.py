@@ -1,7 +1,10 @@
 """Layer benchmark: SoKA vs PEFT LoRA at equal trainable parameters, against the frozen base layer.
 
 For each layer size, times forward+backward over ``--tokens`` tokens (the input requires grad, as inside a
-network), counts the bytes autograd saves for backward (activation memory) and, on CUDA, the peak memory. It
+network), counts the bytes autograd saves for backward (activation memory) and, on CUDA, the peak memory. The
+models are timed in interleaved rounds and each round's extra time is taken against that round's base, so a
+shared machine whose speed drifts does not favour any model; the table gives medians over the rounds. A
+reference row runs the same SoKA factors through plain autograd ops (the intermediate kept for backward). It
 also times KPSVD initialisation of one matrix, full vs lowrank. Prints markdown tables.
 
     python benchmarks/bench_layer.py                       # fp32 on CPU
@@ -9,7 +12,8 @@ also times KPSVD initialisation of one matrix, full vs lowrank. Prints markdown 
 
 FLOP model (multiply-adds per token): base ``out·in`` forward and ``out·in`` backward (input grad only; the
 base is frozen). SoKA term, cheaper contraction order: ``c = min(n·p·(q+m), m·q·(n+p))`` forward and
-``2c`` backward (input and factor grads). LoRA rank: ``in + out`` forward, ``2(in + out)`` backward.
+``2c`` backward (input and factor grads; SoKA's autograd function recomputes the first product in backward,
+``n·p·q`` or ``m·q·n`` more, which the share does not count). LoRA rank: ``in + out`` forward, ``2(in + out)`` backward.
 """
 
 from __future__ import annotations
@@ -62,35 +66,79 @@ def saved_bytes(fn: Callable[[], torch.Tensor], exclude: set[int]) -> tuple[torc
     return out, sum(seen.values())
 
 
-def time_step(
-    model: nn.Module, x: torch.Tensor, grad: torch.Tensor, repeats: int
-) -> tuple[float, int, float]:
-    """Median seconds of forward+backward, saved-activation bytes, and CUDA peak MiB (0 on CPU)."""
-    device = x.device
+def plain_autograd_apply(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """The factored apply written with plain autograd ops (B first), as SoKA ran before its autograd
+    function: the ``r·n·p``-per-token intermediate is kept for backward. A reference row, not library code."""
+    r, m, n = A.shape
+    _, p, q = B.shape
+    tokens = x.reshape(-1, n, q)
+    N = tokens.shape[0]
+    t = (tokens.reshape(N * n, q) @ B.reshape(r * p, q).T).reshape(N, n, r, p)
+    t = t.permute(0, 3, 2, 1).reshape(N * p, r * n)
+    y = (t @ A.permute(1, 0, 2).reshape(m, r * n).T).reshape(N, p, m).transpose(1, 2)
+    return y.reshape(*x.shape[:-1], m * p)
+
+
+class PlainSoka(nn.Module):
+    """``base(x) + x·(Σ_k A_k ⊗ B_k)ᵀ`` through :func:`plain_autograd_apply`, factors taken from a SoKA model."""
+
+    def __init__(self, base: nn.Module, A: torch.Tensor, B: torch.Tensor) -> None:
+        super().__init__()
+        self.base = base
+        self.A = nn.Parameter(A.detach().clone())
+        self.B = nn.Parameter(B.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + plain_autograd_apply(x, self.A.to(x.dtype), self.B.to(x.dtype))
+
+
+def make_step(model: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], int]:
+    """One forward+backward; returns the bytes autograd saved for backward besides parameters and input."""
     exclude = {p.untyped_storage().data_ptr() for p in model.parameters()} | {x.untyped_storage().data_ptr()}
 
     def step() -> int:
         x.grad = None
+        for param in model.parameters():
+            param.grad = None
         out, nbytes = saved_bytes(lambda: model(x), exclude)
         out.backward(grad)
         return nbytes
 
-    for _ in range(2):
-        nbytes = step()
+    return step
+
+
+def timed(step: Callable[[], int], device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def time_models(
+    models: dict[str, nn.Module], x: torch.Tensor, grad: torch.Tensor, repeats: int
+) -> dict[str, tuple[list[float], int, float]]:
+    """Per model: forward+backward seconds of each round, saved-activation bytes, CUDA peak MiB (0 on CPU).
+
+    Rounds are interleaved (every model once per round, after two warm-ups each), so that a shared machine
+    whose speed drifts slows all models of a round alike; callers compare models within a round."""
+    device = x.device
+    steps = {name: make_step(model, x, grad) for name, model in models.items()}
+    saved, peak = {}, {}
+    for name, step in steps.items():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(2):
+            saved[name] = step()
+        peak[name] = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0
-    return statistics.median(times), nbytes, peak
+        for name, step in steps.items():
+            seconds[name].append(timed(step, device))
+    return {name: (seconds[name], saved[name], peak[name]) for name in steps}
 
 
 def trainable(model: nn.Module) -> int:
@@ -108,6 +156,13 @@ def bench_layers(tokens: int, dtype: torch.dtype, device: torch.device, repeats:
         soka_rank = max(1, round(lora_params / (shape.params_per_term + 1)))
         cost = min(contraction_costs(shape.m, shape.n, shape.p, shape.q))
         base_macs = 2 * out_f * in_f
+        soka = get_peft_model(
+            OneLinear(out_f, in_f).to(device, dtype),
+            SokaConfig(target_modules=["proj"], rank_pattern={"proj": soka_rank}),
+        )
+        soka_layer = soka.base_model.model.proj
+        a, b = soka_layer.effective_factors("default")
+        soka_name = f"SoKA r={soka_rank} {shape.as_list()}"
         models = {
             "frozen base": (base, 0),
             f"LoRA r={LORA_RANK}": (
@@ -116,28 +171,26 @@ def bench_layers(tokens: int, dtype: torch.dtype, device: torch.device, repeats:
                 ),
                 3 * LORA_RANK * (in_f + out_f),
             ),
-            f"SoKA r={soka_rank} {shape.as_list()}": (
-                get_peft_model(
-                    OneLinear(out_f, in_f).to(device, dtype),
-                    SokaConfig(target_modules=["proj"], rank_pattern={"proj": soka_rank}),
-                ),
+            soka_name: (soka, 3 * soka_rank * cost),
+            f"{soka_name}, plain autograd": (
+                PlainSoka(soka_layer.get_base_layer(), a * soka_layer.scaling["default"], b),
                 3 * soka_rank * cost,
             ),
         }
         x = torch.randn(tokens, in_f, device=device, dtype=dtype, requires_grad=True)
         grad = torch.randn(tokens, out_f, device=device, dtype=dtype)
-        base_time = None
+        timings = time_models({name: model for name, (model, _) in models.items()}, x, grad, repeats)
+        base_rounds = timings["frozen base"][0]
         for name, (model, extra_macs) in models.items():
-            seconds, nbytes, peak = time_step(model, x, grad, repeats)
-            base_time = seconds if base_time is None else base_time
+            rounds, nbytes, peak = timings[name]
             flop_share = extra_macs / base_macs
-            time_share = seconds / base_time - 1.0
+            time_share = statistics.median(t / tb - 1.0 for t, tb in zip(rounds, base_rounds, strict=True))
             rows.append(
                 {
                     "layer": f"{out_f}x{in_f}",
                     "method": name,
                     "trainable": trainable(model),
-                    "ms": seconds * 1e3,
+                    "ms": statistics.median(rounds) * 1e3,
                     "extra_time": time_share,
                     "extra_flops": flop_share,
                     "ratio": (time_share / flop_share) if flop_share > 0 else float("nan"),
@@ -145,7 +198,7 @@ def bench_layers(tokens: int, dtype: torch.dtype, device: torch.device, repeats:
                     "peak_mib": peak,
                 }
             )
-            del model
+        del models, soka, timings
     return rows
 
 
@@ -182,7 +235,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds")
     parser.add_argument("--no-full-svd", action="store_true", help="skip the slow full SVDs (minutes on CPU)")
     parser.add_argument("--only", choices=["layers", "kpsvd"], help="run one of the two tables")
     args = parser.parse_args()

@@ -1,68 +1,89 @@
-"""Where the time of SoKA's factored apply goes, against the base layer's GEMM (forward only).
+"""Where the time of SoKA's factored apply goes: one forward+backward of ``kron_apply``, op by op.
 
-For ``--tokens`` tokens of a 4096-wide layer with balanced 64×64 factors and ``--rank`` terms, times each step
-of :func:`axolotl_soka.kron.kron_apply` (B-first order) separately: the first GEMM ``X·Bᵀ``, the permute copy
-between the GEMMs, the second GEMM with ``A``, the output transpose; and, for comparison, the base forward
-``x·Wᵀ``. Best of ``--repeats``. Prints a markdown table with GMAC/s.
+For ``--tokens`` tokens of an ``out × in`` layer with balanced factors and ``--rank`` terms, profiles
+:func:`axolotl_soka.kron.kron_apply` forward and backward (input and factors requiring grad) with
+``torch.profiler`` and groups the time by operator and input shapes; for the matrix products it gives the
+multiply-add rate. The base layer's forward GEMM ``x·Wᵀ`` is timed the same way for comparison. Prints a
+markdown table (per step: total over the token chunks).
 
     python benchmarks/profile_kron_apply.py
+    python benchmarks/profile_kron_apply.py --out 11008 --in 4096 --rank 9
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
-from collections.abc import Callable
 
 import torch
+from torch.profiler import ProfilerActivity, profile
+
+from axolotl_soka.kron import balanced_shape, kron_apply
 
 
-def best_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times) * 1e3
+def matmul_macs(name: str, shapes: list[list[int]]) -> int:
+    """Multiply-adds of an ``aten::mm`` / ``aten::bmm`` call from its input shapes (0 for other ops)."""
+    if name == "aten::mm" and len(shapes) >= 2 and len(shapes[0]) == 2:
+        (m, k), (_, n) = shapes[0], shapes[1]
+        return m * k * n
+    if name == "aten::bmm" and len(shapes) >= 2 and len(shapes[0]) == 3:
+        (b, m, k), (_, _, n) = shapes[0], shapes[1]
+        return b * m * k * n
+    return 0
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--out", type=int, default=4096, help="out_features")
+    parser.add_argument("--in", dest="in_features", type=int, default=4096, help="in_features")
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3, help="profiled steps (after one warm-up)")
+    parser.add_argument("--rows", type=int, default=12)
     args = parser.parse_args()
     torch.manual_seed(0)
-    N, r, m, n, p, q = args.tokens, args.rank, 64, 64, 64, 64
-    x = torch.randn(N, n * q)
-    a = torch.randn(r, m, n)
-    b = torch.randn(r, p, q)
-    w = torch.randn(m * p, n * q)
-    b2 = b.reshape(r * p, q).T.contiguous()
-    a2 = a.permute(1, 0, 2).reshape(m, r * n).T.contiguous()
-    t = x.reshape(N * n, q) @ b2
-    t_perm = t.reshape(N, n, r, p).permute(0, 3, 2, 1).reshape(N * p, r * n)
-    y = (t_perm @ a2).reshape(N, p, m)
-    gemm_macs = N * n * q * r * p  # both GEMMs have the same count for square factors
-    steps = [
-        ("GEMM 1: X·Bᵀ (inner dim q = 64)", lambda: x.reshape(N * n, q) @ b2, gemm_macs),
-        (
-            "permute copy between the GEMMs",
-            lambda: t.reshape(N, n, r, p).permute(0, 3, 2, 1).reshape(N * p, r * n),
-            0,
-        ),
-        ("GEMM 2: ·A (inner dim r·n)", lambda: t_perm @ a2, gemm_macs),
-        ("output transpose", lambda: y.transpose(1, 2).reshape(N, m * p), 0),
-        ("base forward x·Wᵀ", lambda: x @ w.T, N * w.numel()),
-    ]
-    print(f"tokens {N}, r {r}, factors 64×64, threads {torch.get_num_threads()}, best of {args.repeats}\n")
-    print("| step | ms | GMAC | GMAC/s |")
-    print("|---|---:|---:|---:|")
-    for name, fn, macs in steps:
-        ms = best_ms(fn, args.repeats)
-        rate = f"{macs / ms / 1e6:.1f}" if macs else "–"
-        print(f"| {name} | {ms:.0f} | {macs / 1e9:.1f} | {rate} |")
+    shape = balanced_shape(args.out, args.in_features)
+    r, (m, n, p, q) = args.rank, shape.as_list()
+    x = torch.randn(args.tokens, args.in_features, requires_grad=True)
+    a = (torch.randn(r, m, n) / math.sqrt(n)).requires_grad_()
+    b = (torch.randn(r, p, q) / math.sqrt(q)).requires_grad_()
+    w = torch.randn(args.out, args.in_features)
+    grad = torch.randn(args.tokens, args.out)
+
+    def step() -> None:
+        kron_apply(x, a, b).backward(grad)
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(args.repeats):
+            step()
+    events = prof.key_averages(group_by_input_shape=True)
+    total_us = sum(e.self_cpu_time_total for e in events)
+    x.detach() @ w.T
+    start = time.perf_counter()
+    for _ in range(args.repeats):
+        x.detach() @ w.T
+    base_ms = (time.perf_counter() - start) / args.repeats * 1e3
+
+    print(
+        f"tokens {args.tokens}, {args.out}x{args.in_features}, shape {shape.as_list()}, r {r}, "
+        f"threads {torch.get_num_threads()}, mean of {args.repeats} profiled steps\n"
+    )
+    print("| op | input shapes | calls/step | ms/step | share | GMAC/s |")
+    print("|---|---|---:|---:|---:|---:|")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[: args.rows]:
+        ms = e.self_cpu_time_total / args.repeats / 1e3
+        macs = matmul_macs(e.key, e.input_shapes) * e.count / args.repeats
+        rate = f"{macs / ms / 1e6:.1f}" if macs and ms > 0 else "–"
+        shapes = " ".join(str(s) for s in e.input_shapes if s)
+        print(
+            f"| {e.key} | {shapes} | {e.count / args.repeats:.0f} | {ms:.1f} | "
+            f"{e.self_cpu_time_total / total_us:.0%} | {rate} |"
+        )
+    print(f"| **all ops of kron_apply fwd+bwd** | | | {total_us / args.repeats / 1e3:.1f} | 100% | |")
+    base_macs = args.tokens * args.out * args.in_features
+    print(f"| base forward x·Wᵀ (for comparison) | | 1 | {base_ms:.1f} | | {base_macs / base_ms / 1e6:.1f} |")
 
 
 if __name__ == "__main__":

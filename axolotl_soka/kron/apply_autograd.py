@@ -93,6 +93,7 @@ class KronApply(torch.autograd.Function):
         dy = dy.to(x.dtype)
         r_cat = R.reshape(r * p_c, q_c)
         l_cat = L.permute(1, 2, 0).reshape(m_c, n_c * r)
+        l_cat_t = l_cat.T.contiguous()
         acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         d_l = torch.zeros(r, m_c, n_c, dtype=acc, device=x.device) if need_l else None
         d_rcat = torch.zeros(r * p_c, q_c, dtype=acc, device=x.device) if need_r else None
@@ -100,14 +101,14 @@ class KronApply(torch.autograd.Function):
         for start in range(0, N, chunk):
             xm = _core_input(x[start : start + chunk], transpose)
             c = xm.shape[0] // n_c
-            dyc = dy[start : start + c]
-            dyc = dyc.transpose(1, 2) if transpose else dyc  # (c, m_c, p_c)
+            dy_chunk = dy[start : start + c]
+            dyc = dy_chunk.transpose(1, 2).contiguous() if transpose else dy_chunk  # (c, m_c, p_c)
             if need_l:
                 zt = (r_cat @ xm.T).view(r, p_c * c, n_c)  # Zᵀ recomputed: [k, (a, t), j]
                 dyp = dyc.permute(1, 2, 0).reshape(m_c, p_c * c)  # [i, (a, t)]
                 d_l += torch.matmul(dyp, zt).to(acc)  # (r, m_c, n_c): Σ_{a,t} dY[t,i,a] Z[t,j,k,a]
             if need_r or need_x:
-                dz = torch.matmul(l_cat.T, dyc).view(c * n_c, r * p_c)  # [(t, j), (k, a)]
+                dz = torch.matmul(l_cat_t, dyc).view(c * n_c, r * p_c)  # [(t, j), (k, a)]
                 if need_r:
                     d_rcat += (dz.T @ xm).to(acc)
                 if need_x:
