@@ -29,6 +29,7 @@ the other contraction order (``A`` first): ``(A_k X B_kᵀ)ᵀ = B_k Xᵀ A_kᵀ
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -47,12 +48,31 @@ def chunk_tokens_for(intermediate_per_token: int, dtype: torch.dtype, device: to
     return max(1, budget // per_token)
 
 
-def _core_input(x: torch.Tensor, transpose: bool) -> torch.Tensor:
+class _Buffers:
+    """Scratch tensors reused by every chunk of one call (``take(name, *shape)``: a contiguous view of the
+    first ``prod(shape)`` elements). Fresh chunk-sized tensors would each come from new pages: on a CPU their
+    first-touch page faults cost as much as the narrow GEMMs writing them, and reuse keeps them in cache."""
+
+    def __init__(self, like: torch.Tensor) -> None:
+        self.like = like
+        self.flat: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, *shape: int) -> torch.Tensor:
+        numel = math.prod(shape)
+        buf = self.flat.get(name)
+        if buf is None or buf.numel() < numel:
+            buf = self.flat[name] = self.like.new_empty(numel)
+        return buf[:numel].view(shape)
+
+
+def _core_input(x: torch.Tensor, transpose: bool, bufs: _Buffers) -> torch.Tensor:
     """A chunk ``(c, n, q)`` of the input as the first GEMM's rows: ``(c·n, q)``, or ``(c·q, n)`` transposed."""
-    c = x.shape[0]
+    c, n, q = x.shape
     if transpose:
-        return x.transpose(1, 2).reshape(c * x.shape[2], x.shape[1])
-    return x.reshape(c * x.shape[1], x.shape[2])
+        xm = bufs.take("xm", c, q, n)
+        xm.copy_(x.transpose(1, 2))
+        return xm.view(c * q, n)
+    return x.reshape(c * n, q)
 
 
 class KronApply(torch.autograd.Function):
@@ -70,13 +90,20 @@ class KronApply(torch.autograd.Function):
         N = x.shape[0]
         r_cat = R.reshape(r * p_c, q_c)
         l_cat = L.permute(1, 2, 0).reshape(m_c, n_c * r)  # [i, (j, k)]
-        y = x.new_empty(N, m_c, p_c) if not transpose else x.new_empty(N, p_c, m_c)
+        y = x.new_empty(N, p_c, m_c) if transpose else x.new_empty(N, m_c, p_c)
+        bufs = _Buffers(x)
         for start in range(0, N, chunk):
-            xm = _core_input(x[start : start + chunk], transpose)
+            xm = _core_input(x[start : start + chunk], transpose, bufs)
             c = xm.shape[0] // n_c
-            z = (xm @ r_cat.T).view(c, n_c * r, p_c)
-            yc = torch.matmul(l_cat, z)  # (c, m_c, p_c)
-            y[start : start + c] = yc.transpose(1, 2) if transpose else yc
+            z = bufs.take("z", c * n_c, r * p_c)
+            torch.mm(xm, r_cat.T, out=z)
+            z = z.view(c, n_c * r, p_c)
+            if transpose:
+                yc = bufs.take("y", c, m_c, p_c)
+                torch.matmul(l_cat, z, out=yc)
+                y[start : start + c] = yc.transpose(1, 2)
+            else:
+                torch.matmul(l_cat, z, out=y[start : start + c])  # (c, m_c, p_c)
         ctx.save_for_backward(x, L, R)
         ctx.transpose, ctx.chunk = transpose, chunk
         return y
@@ -98,22 +125,36 @@ class KronApply(torch.autograd.Function):
         d_l = torch.zeros(r, m_c, n_c, dtype=acc, device=x.device) if need_l else None
         d_rcat = torch.zeros(r * p_c, q_c, dtype=acc, device=x.device) if need_r else None
         dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
+        bufs = _Buffers(x)
         for start in range(0, N, chunk):
-            xm = _core_input(x[start : start + chunk], transpose)
+            xm = _core_input(x[start : start + chunk], transpose, bufs)
             c = xm.shape[0] // n_c
-            dy_chunk = dy[start : start + c]
-            dyc = dy_chunk.transpose(1, 2).contiguous() if transpose else dy_chunk  # (c, m_c, p_c)
+            dyc = dy[start : start + c]  # (c, m_c, p_c), or (c, p_c, m_c) transposed
+            if transpose or not dyc.is_contiguous():
+                dyc = bufs.take("dy", c, m_c, p_c).copy_(dyc.transpose(1, 2) if transpose else dyc)
             if need_l:
-                zt = (r_cat @ xm.T).view(r, p_c * c, n_c)  # Zᵀ recomputed: [k, (a, t), j]
-                dyp = dyc.permute(1, 2, 0).reshape(m_c, p_c * c)  # [i, (a, t)]
-                d_l += torch.matmul(dyp, zt).to(acc)  # (r, m_c, n_c): Σ_{a,t} dY[t,i,a] Z[t,j,k,a]
+                zt = bufs.take("zt", r * p_c, c * n_c)  # Zᵀ recomputed: [(k, a), (t, j)]
+                torch.mm(r_cat, xm.T, out=zt)
+                dyp = bufs.take("dyp", m_c, p_c, c).copy_(dyc.permute(1, 2, 0))  # [i, a, t]
+                # (r, m_c, n_c): Σ_{a,t} dY[t,i,a] Z[t,j,k,a], with Zᵀ viewed as [k, (a, t), j]
+                part = torch.matmul(dyp.view(m_c, p_c * c), zt.view(r, p_c * c, n_c))
+                d_l += part
             if need_r or need_x:
-                dz = torch.matmul(l_cat_t, dyc).view(c * n_c, r * p_c)  # [(t, j), (k, a)]
+                dz = bufs.take("dz", c, n_c * r, p_c)
+                torch.matmul(l_cat_t, dyc, out=dz)
+                dz = dz.view(c * n_c, r * p_c)  # [(t, j), (k, a)]
                 if need_r:
-                    d_rcat += (dz.T @ xm).to(acc)
+                    if acc == x.dtype:
+                        d_rcat.addmm_(dz.T, xm)
+                    else:
+                        d_rcat += dz.T @ xm
                 if need_x:
-                    dxm = (dz @ r_cat).view(c, n_c, q_c)
-                    dx[start : start + c] = dxm.transpose(1, 2) if transpose else dxm
+                    if transpose:
+                        dxm = bufs.take("dx", c * n_c, q_c)
+                        torch.mm(dz, r_cat, out=dxm)
+                        dx[start : start + c] = dxm.view(c, n_c, q_c).transpose(1, 2)
+                    else:
+                        torch.mm(dz, r_cat, out=dx[start : start + c].view(c * n_c, q_c))
         dL = d_l.to(L.dtype) if need_l else None
         dR = d_rcat.view(r, p_c, q_c).to(R.dtype) if need_r else None
         return dx, dL, dR, None, None
