@@ -19,6 +19,7 @@ base is frozen). SoKA term, cheaper contraction order: ``c = min(n·p·(q+m), m�
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import time
@@ -184,7 +185,8 @@ def bench_layers(tokens: int, dtype: torch.dtype, device: torch.device, repeats:
         for name, (model, extra_macs) in models.items():
             rounds, nbytes, peak = timings[name]
             flop_share = extra_macs / base_macs
-            time_share = statistics.median(t / tb - 1.0 for t, tb in zip(rounds, base_rounds, strict=True))
+            shares = sorted(t / tb - 1.0 for t, tb in zip(rounds, base_rounds, strict=True))
+            time_share = statistics.median(shares)
             rows.append(
                 {
                     "layer": f"{out_f}x{in_f}",
@@ -192,6 +194,7 @@ def bench_layers(tokens: int, dtype: torch.dtype, device: torch.device, repeats:
                     "trainable": trainable(model),
                     "ms": statistics.median(rounds) * 1e3,
                     "extra_time": time_share,
+                    "extra_range": (shares[0], shares[-1]),
                     "extra_flops": flop_share,
                     "ratio": (time_share / flop_share) if flop_share > 0 else float("nan"),
                     "saved_mib": nbytes / 2**20,
@@ -250,15 +253,17 @@ def main() -> None:
 
 
 def print_layers(args: argparse.Namespace, device: torch.device) -> None:
-    print(f"\n### Forward+backward, {args.tokens} tokens, {args.dtype}\n")
+    print(f"\n### Forward+backward, {args.tokens} tokens, {args.dtype}, {args.repeats} interleaved rounds\n")
     print(
-        "| layer | method | trainable | ms | extra time vs base | extra FLOPs vs base | time/FLOP share | saved activations MiB (besides x) | CUDA peak MiB |"
+        "| layer | method | trainable | ms | extra time vs base | range over rounds | extra FLOPs vs base | time/FLOP share | saved activations MiB (besides x) | CUDA peak MiB |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---|---:|---:|---:|---:|")
     for r in bench_layers(args.tokens, DTYPES[args.dtype], device, args.repeats):
+        ratio = "–" if math.isnan(r["ratio"]) else f"{r['ratio']:.2f}"
         print(
             f"| {r['layer']} | {r['method']} | {r['trainable']:,} | {r['ms']:.1f} | {r['extra_time']:+.1%} | "
-            f"{r['extra_flops']:.1%} | {r['ratio']:.2f} | {r['saved_mib']:.0f} | {r['peak_mib']:.0f} |"
+            f"{r['extra_range'][0]:+.0%} … {r['extra_range'][1]:+.0%} | "
+            f"{r['extra_flops']:.1%} | {ratio} | {r['saved_mib']:.0f} | {r['peak_mib']:.0f} |"
         )
 
 
