@@ -8,6 +8,7 @@ markdown table (per step: total over the token chunks).
 
     python benchmarks/profile_kron_apply.py
     python benchmarks/profile_kron_apply.py --out 11008 --in 4096 --rank 9
+    python benchmarks/profile_kron_apply.py --chunk-tokens 2048      # all tokens in one chunk
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def main() -> None:
     parser.add_argument("--in", dest="in_features", type=int, default=4096, help="in_features")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3, help="profiled steps (after one warm-up)")
+    parser.add_argument(
+        "--chunk-tokens", type=int, default=None, help="tokens per chunk (default: kron_apply's own choice)"
+    )
     parser.add_argument("--rows", type=int, default=12)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -55,7 +59,7 @@ def main() -> None:
     grad = torch.randn(args.tokens, args.out)
 
     def step() -> None:
-        kron_apply(x, a, b).backward(grad)
+        kron_apply(x, a, b, chunk_tokens=args.chunk_tokens).backward(grad)
 
     step()
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
@@ -71,7 +75,8 @@ def main() -> None:
 
     print(
         f"tokens {args.tokens}, {args.out}x{args.in_features}, shape {shape.as_list()}, r {r}, "
-        f"threads {torch.get_num_threads()}, mean of {args.repeats} profiled steps\n"
+        f"chunk {args.chunk_tokens or 'default'}, threads {torch.get_num_threads()}, "
+        f"mean of {args.repeats} profiled steps\n"
     )
     print("| op | input shapes | calls/step | ms/step | share | GMAC/s |")
     print("|---|---|---:|---:|---:|---:|")
