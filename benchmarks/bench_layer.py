@@ -146,14 +146,21 @@ def trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def bench_layers(tokens: int, dtype: torch.dtype, device: torch.device, repeats: int) -> list[dict]:
+def bench_layers(
+    tokens: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    repeats: int,
+    layers: list[tuple[int, int]] = LAYERS,
+    lora_rank: int = LORA_RANK,
+) -> list[dict]:
     rows = []
-    for out_f, in_f in LAYERS:
+    for out_f, in_f in layers:
         torch.manual_seed(0)
         base = OneLinear(out_f, in_f).to(device, dtype)
         base.requires_grad_(False)
         shape = balanced_shape(out_f, in_f)
-        lora_params = LORA_RANK * (in_f + out_f)
+        lora_params = lora_rank * (in_f + out_f)
         soka_rank = max(1, round(lora_params / (shape.params_per_term + 1)))
         cost = min(contraction_costs(shape.m, shape.n, shape.p, shape.q))
         base_macs = 2 * out_f * in_f
@@ -166,11 +173,11 @@ def bench_layers(tokens: int, dtype: torch.dtype, device: torch.device, repeats:
         soka_name = f"SoKA r={soka_rank} {shape.as_list()}"
         models = {
             "frozen base": (base, 0),
-            f"LoRA r={LORA_RANK}": (
+            f"LoRA r={lora_rank}": (
                 get_peft_model(
-                    OneLinear(out_f, in_f).to(device, dtype), LoraConfig(r=LORA_RANK, target_modules=["proj"])
+                    OneLinear(out_f, in_f).to(device, dtype), LoraConfig(r=lora_rank, target_modules=["proj"])
                 ),
-                3 * LORA_RANK * (in_f + out_f),
+                3 * lora_rank * (in_f + out_f),
             ),
             soka_name: (soka, 3 * soka_rank * cost),
             f"{soka_name}, plain autograd": (
@@ -233,6 +240,19 @@ def bench_kpsvd(device: torch.device, full: bool, rank: int = 64) -> list[dict]:
     return rows
 
 
+def parse_layers(text: str) -> list[tuple[int, int]]:
+    """``"4096x4096,11008x4096"`` → ``[(4096, 4096), (11008, 4096)]`` (out × in)."""
+    layers = []
+    for item in text.split(","):
+        out_f, sep, in_f = item.strip().partition("x")
+        if not sep or not out_f.isdigit() or not in_f.isdigit():
+            raise SystemExit(
+                f"--layers: expected OUTxIN items separated by commas (e.g. 4096x4096), got {item!r}"
+            )
+        layers.append((int(out_f), int(in_f)))
+    return layers
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=2048)
@@ -241,6 +261,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="interleaved timing rounds")
     parser.add_argument("--no-full-svd", action="store_true", help="skip the slow full SVDs (minutes on CPU)")
     parser.add_argument("--only", choices=["layers", "kpsvd"], help="run one of the two tables")
+    parser.add_argument(
+        "--layers",
+        default=",".join(f"{o}x{i}" for o, i in LAYERS),
+        help="layer sizes OUTxIN for the layer table, comma-separated (default: LLaMA2-7B's two shapes)",
+    )
+    parser.add_argument(
+        "--lora-rank", type=int, default=LORA_RANK, help="LoRA rank that sets the parameter count"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     print(
@@ -258,7 +286,9 @@ def print_layers(args: argparse.Namespace, device: torch.device) -> None:
         "| layer | method | trainable | ms | extra time vs base | range over rounds | extra FLOPs vs base | time/FLOP share | saved activations MiB (besides x) | CUDA peak MiB |"
     )
     print("|---|---|---:|---:|---:|---|---:|---:|---:|---:|")
-    for r in bench_layers(args.tokens, DTYPES[args.dtype], device, args.repeats):
+    for r in bench_layers(
+        args.tokens, DTYPES[args.dtype], device, args.repeats, parse_layers(args.layers), args.lora_rank
+    ):
         ratio = "–" if math.isnan(r["ratio"]) else f"{r['ratio']:.2f}"
         print(
             f"| {r['layer']} | {r['method']} | {r['trainable']:,} | {r['ms']:.1f} | {r['extra_time']:+.1%} | "
