@@ -10,18 +10,20 @@ The first product is one GEMM over all tokens of a chunk (rows ``(token, j)``); 
 product whose per-token operand ``Z'`` is a plain view of the first one's output, so no permuted copy of the
 ``r·n·p``-per-token intermediate is made. Backward, per chunk, from ``dY``::
 
+    Zᵀ   = R_cat · Xᵀ           recomputed, [(k, a), (token, j)], viewed as (r, p·tokens, n): [k, (a, t), j]
+    dL  += dY' · Zᵀ              (r, m, n)   dY' = dY as [i, (a, t)]: one batched GEMM, inner dim p·tokens
     dZ'  = L_catᵀ · dY          (n·r, p) per token, a view of dZ: (n, r·p)
-    dL  += Σ_tokens dY · Z'ᵀ    (m, n·r)
     dR  += dZᵀ · X              (r·p, q)    one GEMM over the chunk's (token, j) rows
     dX   = dZ · R_cat           (n, q)
 
-Two properties matter for training cost:
+Three properties matter for training cost:
 - the intermediate ``Z`` is never kept for backward (it is recomputed there, one extra GEMM), so the only
   activation saved is the input, as for LoRA, instead of ``r·n·p`` values per token;
 - tokens are processed in chunks whose intermediate fits a byte budget. On a CPU a cache-sized chunk keeps
   the narrow (inner dimension 64 for LLaMA-7B's balanced shapes) GEMMs and the intermediates in cache, where
-  they run about three times faster than on the whole batch at once; on a GPU the default budget makes a
-  micro-batch one chunk.
+  they ran 2–3× faster than on the whole batch at once (``benchmarks/profile_kron_apply.py``); on a GPU the
+  default budget makes a micro-batch one chunk;
+- the chunk-sized scratch tensors are allocated once per call and reused by every chunk (see ``_Buffers``).
 
 ``transpose=True`` runs the same computation on ``Xᵀ`` (and returns ``Yᵀ``), which is how the caller gets
 the other contraction order (``A`` first): ``(A_k X B_kᵀ)ᵀ = B_k Xᵀ A_kᵀ``.
