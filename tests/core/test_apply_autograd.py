@@ -148,3 +148,18 @@ def test_chunk_sizes_follow_the_byte_budgets():
         chunk_tokens_for(8 * 64 * 64, torch.bfloat16, cuda) == DEVICE_CHUNK_BYTES // (8 * 64 * 64 * 2) == 4096
     )
     assert chunk_tokens_for(10**9, torch.float32, cpu) == 1  # never zero
+
+
+@pytest.mark.slow
+def test_torch_compile_gives_the_same_gradients():
+    """Axolotl's ``torch_compile: true`` traces the adapter: the function must compile and agree."""
+    x, a, b, up = factors((8, 4, 8, 4), r=2, dtype=torch.float32)
+
+    def loss(x, a, b):
+        return (kron_apply(x, a, b, chunk_tokens=4) * up).sum()
+
+    want = grads_of(lambda x, a, b: x @ dense_kron_sum(a, b).T, x, a, b, up)
+    inputs = [t.clone().requires_grad_() for t in (x, a, b)]
+    torch.compile(loss)(*inputs).backward()
+    for got, ref in zip((t.grad for t in inputs), want[1:], strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
