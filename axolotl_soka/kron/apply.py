@@ -43,11 +43,11 @@ def kron_apply(
     transpose = a_first < b_first
     if chunk_tokens is None:
         chunk_tokens = chunk_tokens_for(r * (m * q if transpose else n * p), x.dtype, x.device)
+    elif chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be a positive number of tokens (or None), got {chunk_tokens}")
+    left, right = (B, A) if transpose else (A, B)
     with torch.autocast(device_type, enabled=False):
-        if transpose:
-            y = KronApply.apply(tokens, B, A, True, chunk_tokens)
-        else:
-            y = KronApply.apply(tokens, A, B, False, chunk_tokens)
+        y = KronApply.apply(tokens, left, right, transpose, chunk_tokens)
     return y.reshape(*lead, m * p)
 
 

@@ -46,7 +46,7 @@ DEVICE_CHUNK_BYTES = 256 * 2**20
 def chunk_tokens_for(intermediate_per_token: int, dtype: torch.dtype, device: torch.device) -> int:
     """Tokens per chunk so that one chunk's intermediate (``intermediate_per_token`` values) fits the budget."""
     budget = CPU_CHUNK_BYTES if device.type == "cpu" else DEVICE_CHUNK_BYTES
-    per_token = max(1, intermediate_per_token) * torch.empty((), dtype=dtype).element_size()
+    per_token = max(1, intermediate_per_token) * dtype.itemsize
     return max(1, budget // per_token)
 
 
@@ -65,6 +65,13 @@ class _Buffers:
         if buf is None or buf.numel() < numel:
             buf = self.flat[name] = self.like.new_empty(numel)
         return buf[:numel].view(shape)
+
+
+def _cat_factors(L: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L_cat, R_cat)``: ``L: (r, m, n)`` as ``(m, n·r)`` with ``L_cat[i, (j, k)] = L_k[i, j]`` and
+    ``R: (r, p, q)`` as ``(r·p, q)``."""
+    r, m, n = L.shape
+    return L.permute(1, 2, 0).reshape(m, n * r), R.reshape(r * R.shape[1], R.shape[2])
 
 
 def _core_input(x: torch.Tensor, transpose: bool, bufs: _Buffers) -> torch.Tensor:
@@ -90,8 +97,7 @@ class KronApply(torch.autograd.Function):
         r, m_c, n_c = L.shape  # core orientation: m_c×n_c left factors, p_c×q_c right factors
         _, p_c, q_c = R.shape
         N = x.shape[0]
-        r_cat = R.reshape(r * p_c, q_c)
-        l_cat = L.permute(1, 2, 0).reshape(m_c, n_c * r)  # [i, (j, k)]
+        l_cat, r_cat = _cat_factors(L, R)
         y = x.new_empty(N, p_c, m_c) if transpose else x.new_empty(N, m_c, p_c)
         bufs = _Buffers(x)
         for start in range(0, N, chunk):
@@ -120,9 +126,7 @@ class KronApply(torch.autograd.Function):
         _, p_c, q_c = R.shape
         N = x.shape[0]
         dy = dy.to(x.dtype)
-        r_cat = R.reshape(r * p_c, q_c)
-        l_cat = L.permute(1, 2, 0).reshape(m_c, n_c * r)
-        l_cat_t = l_cat.T.contiguous()
+        l_cat, r_cat = _cat_factors(L, R)
         acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         d_l = torch.zeros(r, m_c, n_c, dtype=acc, device=x.device) if need_l else None
         d_rcat = torch.zeros(r * p_c, q_c, dtype=acc, device=x.device) if need_r else None
@@ -139,11 +143,10 @@ class KronApply(torch.autograd.Function):
                 torch.mm(r_cat, xm.T, out=zt)
                 dyp = bufs.take("dyp", m_c, p_c, c).copy_(dyc.permute(1, 2, 0))  # [i, a, t]
                 # (r, m_c, n_c): Σ_{a,t} dY[t,i,a] Z[t,j,k,a], with Zᵀ viewed as [k, (a, t), j]
-                part = torch.matmul(dyp.view(m_c, p_c * c), zt.view(r, p_c * c, n_c))
-                d_l += part
+                d_l += torch.matmul(dyp.view(m_c, p_c * c), zt.view(r, p_c * c, n_c))
             if need_r or need_x:
                 dz = bufs.take("dz", c, n_c * r, p_c)
-                torch.matmul(l_cat_t, dyc, out=dz)
+                torch.matmul(l_cat.T, dyc, out=dz)
                 dz = dz.view(c * n_c, r * p_c)  # [(t, j), (k, a)]
                 if need_r:
                     if acc == x.dtype:

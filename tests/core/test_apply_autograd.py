@@ -163,3 +163,12 @@ def test_torch_compile_gives_the_same_gradients():
     torch.compile(loss)(*inputs).backward()
     for got, ref in zip((t.grad for t in inputs), want[1:], strict=True):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [0, -3])
+def test_a_chunk_size_below_one_is_refused(chunk):
+    x, a, b, _ = factors((4, 4, 4, 4), r=2)
+    with pytest.raises(
+        ValueError, match=rf"chunk_tokens must be a positive number of tokens \(or None\), got {chunk}"
+    ):
+        kron_apply(x, a, b, chunk_tokens=chunk)
