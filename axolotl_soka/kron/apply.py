@@ -21,9 +21,17 @@ def contraction_costs(m: int, n: int, p: int, q: int) -> tuple[int, int]:
 
 
 def kron_apply(
-    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, chunk_tokens: int | None = None
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    chunk_tokens: int | None = None,
+    add_to: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y = x · (Σ_k A_k ⊗ B_k)ᵀ`` for ``x: (..., n·q)`` → ``y: (..., m·p)``.
+
+    With ``add_to`` (a contiguous ``(..., m·p)`` tensor of the compute dtype, e.g. the frozen layer's output)
+    the product is added into it in place and ``add_to`` is returned, as ``add_to.add_(y)`` would (autograd
+    sees an in-place op): no ``y``-sized temporary is made and the sum costs no extra pass over memory.
 
     All terms at once (the sum over ``k`` is folded into the second product's inner dimension), in the
     cheaper of the two contraction orders; ``ΔW`` is never formed and the ``r·n·p``-per-token intermediate is
@@ -45,10 +53,23 @@ def kron_apply(
         chunk_tokens = chunk_tokens_for(r * (m * q if transpose else n * p), x.dtype, x.device)
     elif chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be a positive number of tokens (or None), got {chunk_tokens}")
+    if add_to is not None:
+        _check_add_to(add_to, lead, m * p, x.dtype)
     left, right = (B, A) if transpose else (A, B)
     with torch.autocast(device_type, enabled=False):
-        y = KronApply.apply(tokens, left, right, transpose, chunk_tokens)
-    return y.reshape(*lead, m * p)
+        y = KronApply.apply(tokens, left, right, transpose, chunk_tokens, add_to)
+    return y if add_to is not None else y.reshape(*lead, m * p)
+
+
+def _check_add_to(add_to: torch.Tensor, lead: torch.Size, out_features: int, dtype: torch.dtype) -> None:
+    """``add_to`` must be a contiguous ``(*lead, out_features)`` tensor of the product's dtype."""
+    expected = (*lead, out_features)
+    if tuple(add_to.shape) != expected or add_to.dtype != dtype or not add_to.is_contiguous():
+        raise ValueError(
+            f"add_to must be a contiguous {dtype} tensor of shape {list(expected)}, got "
+            f"{'a contiguous' if add_to.is_contiguous() else 'a non-contiguous'} {add_to.dtype} tensor of shape "
+            f"{list(add_to.shape)}"
+        )
 
 
 def kron_delta(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:

@@ -93,12 +93,24 @@ class KronApply(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, transpose: bool, chunk: int):
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        L: torch.Tensor,
+        R: torch.Tensor,
+        transpose: bool,
+        chunk: int,
+        add_to: torch.Tensor | None,
+    ):
         r, m_c, n_c = L.shape  # core orientation: m_c×n_c left factors, p_c×q_c right factors
         _, p_c, q_c = R.shape
         N = x.shape[0]
         l_cat, r_cat = _cat_factors(L, R)
-        y = x.new_empty(N, p_c, m_c) if transpose else x.new_empty(N, m_c, p_c)
+        if add_to is None:
+            y = x.new_empty(N, p_c, m_c) if transpose else x.new_empty(N, m_c, p_c)
+        else:  # accumulate in place into the caller's (N·m_c·p_c)-element output
+            ctx.mark_dirty(add_to)
+            y = add_to.view(N, p_c, m_c) if transpose else add_to.view(N, m_c, p_c)
         bufs = _Buffers(x)
         for start in range(0, N, chunk):
             xm = _core_input(x[start : start + chunk], transpose, bufs)
@@ -106,15 +118,18 @@ class KronApply(torch.autograd.Function):
             z = bufs.take("z", c * n_c, r * p_c)
             torch.mm(xm, r_cat.T, out=z)
             z = z.view(c, n_c * r, p_c)
-            if transpose:
-                yc = bufs.take("y", c, m_c, p_c)
-                torch.matmul(l_cat, z, out=yc)
-                y[start : start + c] = yc.transpose(1, 2)
+            if transpose:  # Yᵀ per token, straight into the (c, p_c, m_c) output: Z'ᵀ · L_catᵀ
+                lhs, rhs = z.transpose(1, 2), l_cat.T.expand(c, n_c * r, m_c)
             else:
-                torch.matmul(l_cat, z, out=y[start : start + c])  # (c, m_c, p_c)
+                lhs, rhs = l_cat.expand(c, m_c, n_c * r), z
+            yc = y[start : start + c]
+            if add_to is None:
+                torch.bmm(lhs, rhs, out=yc)
+            else:
+                yc.baddbmm_(lhs, rhs)
         ctx.save_for_backward(x, L, R)
         ctx.transpose, ctx.chunk = transpose, chunk
-        return y
+        return y if add_to is None else add_to
 
     @staticmethod
     @once_differentiable
@@ -122,10 +137,12 @@ class KronApply(torch.autograd.Function):
         x, L, R = ctx.saved_tensors
         transpose, chunk = ctx.transpose, ctx.chunk
         need_x, need_l, need_r = ctx.needs_input_grad[:3]
+        need_add_to = ctx.needs_input_grad[5]
         r, m_c, n_c = L.shape
         _, p_c, q_c = R.shape
         N = x.shape[0]
-        dy = dy.to(x.dtype)
+        d_add_to = dy if need_add_to else None  # y = add_to + …: its gradient passes through unchanged
+        dy = dy.to(x.dtype).reshape(N, p_c, m_c) if transpose else dy.to(x.dtype).reshape(N, m_c, p_c)
         l_cat, r_cat = _cat_factors(L, R)
         acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         d_l = torch.zeros(r, m_c, n_c, dtype=acc, device=x.device) if need_l else None
@@ -146,7 +163,7 @@ class KronApply(torch.autograd.Function):
                 d_l += torch.matmul(dyp.view(m_c, p_c * c), zt.view(r, p_c * c, n_c))
             if need_r or need_x:
                 dz = bufs.take("dz", c, n_c * r, p_c)
-                torch.matmul(l_cat.T, dyc, out=dz)
+                torch.bmm(l_cat.T.expand(c, n_c * r, m_c), dyc, out=dz)
                 dz = dz.view(c * n_c, r * p_c)  # [(t, j), (k, a)]
                 if need_r:
                     if acc == x.dtype:
@@ -162,4 +179,4 @@ class KronApply(torch.autograd.Function):
                         torch.mm(dz, r_cat, out=dx[start : start + c].view(c * n_c, q_c))
         dL = d_l.to(L.dtype) if need_l else None
         dR = d_rcat.view(r, p_c, q_c).to(R.dtype) if need_r else None
-        return dx, dL, dR, None, None
+        return dx, dL, dR, None, None, d_add_to

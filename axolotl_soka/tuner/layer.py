@@ -250,11 +250,34 @@ class SokaLinear(nn.Module, SokaLayer):
             if adapter not in self.soka_A:
                 continue
             a, b = self.effective_factors(adapter)
+            a = a * self.scaling[adapter]  # alpha folded into the (r, m, n) factor, not the (..., out) output
             h = self.soka_dropout[adapter](x)
             compute_dtype = h.dtype if h.is_floating_point() else a.dtype
-            delta = kron_apply(h.to(compute_dtype), a.to(compute_dtype), b.to(compute_dtype))
-            result = result + self.scaling[adapter] * delta.to(out_dtype)
+            h, a, b = h.to(compute_dtype), a.to(compute_dtype), b.to(compute_dtype)
+            if self._adds_in_place(result, compute_dtype):
+                result = kron_apply(h, a, b, add_to=result)
+            else:
+                result = result + kron_apply(h, a, b).to(out_dtype)
         return result
+
+    def _adds_in_place(self, result: torch.Tensor, compute_dtype: torch.dtype) -> bool:
+        """Whether the adapter's product can be added into the base output in place (no output-sized
+        temporary, no extra pass over memory): the base is a plain ``nn.Linear`` without forward hooks (so
+        neither its backward nor a hook keeps the output), and the output is a contiguous non-view tensor of
+        the dtype the product runs in (the autocast dtype under autocast). A biased layer on 3-d input returns
+        a view and takes the out-of-place path."""
+        base = self.get_base_layer()
+        device_type = result.device.type
+        if torch.is_autocast_enabled(device_type):
+            compute_dtype = torch.get_autocast_dtype(device_type)
+        return (
+            type(base) is nn.Linear
+            and not base._forward_hooks
+            and not nn.modules.module._global_forward_hooks
+            and result.dtype == compute_dtype
+            and result.is_contiguous()
+            and not result._is_view()
+        )
 
     def __repr__(self) -> str:
         return "soka." + super().__repr__()

@@ -1,0 +1,116 @@
+"""``SokaLinear.forward``: the adapter's product is added into the base output in place when that is safe,
+out of place otherwise, with the same values and gradients either way."""
+
+import pytest
+import torch
+from peft import get_peft_model
+from torch import nn
+
+import axolotl_soka.tuner.layer as layer_module
+from axolotl_soka import SokaConfig
+
+IN_FEATURES, OUT_FEATURES = 24, 16
+
+
+class OneLinear(nn.Module):
+    def __init__(self, bias: bool) -> None:
+        super().__init__()
+        self.proj = nn.Linear(IN_FEATURES, OUT_FEATURES, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def soka_model(bias: bool, sigma_mode: str = "separate") -> nn.Module:
+    torch.manual_seed(0)
+    config = SokaConfig(target_modules=["proj"], rank_pattern={"proj": 3}, alpha=0.7, sigma_mode=sigma_mode)
+    model = get_peft_model(OneLinear(bias), config).double()
+    layer = model.base_model.model.proj
+    with torch.no_grad():  # move the factors off their initial values so that every gradient is non-trivial
+        for param in layer.parameters():
+            if param.requires_grad:
+                param.add_(0.1 * torch.randn_like(param))
+    return model
+
+
+@pytest.fixture
+def paths(monkeypatch):
+    """Records, per call of the layer's ``kron_apply``, whether it added in place."""
+    taken: list[bool] = []
+    original = layer_module.kron_apply
+
+    def recording(*args, **kwargs):
+        taken.append(kwargs.get("add_to") is not None)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(layer_module, "kron_apply", recording)
+    return taken
+
+
+def run(model: nn.Module, x: torch.Tensor, up: torch.Tensor) -> list[torch.Tensor]:
+    """Output and the gradients of ``Σ out·up`` for the input and every trainable parameter."""
+    x = x.clone().requires_grad_()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for param in trainable:
+        param.grad = None
+    out = model(x)
+    (out * up).sum().backward()
+    return [out.detach(), x.grad] + [p.grad.clone() for p in trainable]
+
+
+def dense_reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x·(W + alpha·Σ_k s_k A_k ⊗ B_k)ᵀ + bias`` with ``torch.kron``, in the factors' dtype."""
+    layer = model.base_model.model.proj
+    base = layer.get_base_layer()
+    a, b = layer.effective_factors("default")
+    delta = sum(torch.kron(a[k], b[k]) for k in range(a.shape[0])).to(base.weight.dtype)
+    return nn.functional.linear(x, base.weight + layer.scaling["default"] * delta, base.bias)
+
+
+@pytest.mark.parametrize(
+    ("bias", "lead", "adds_in_place"),
+    [(False, (2, 5), True), (True, (7,), True), (True, (2, 5), False)],
+    ids=["no-bias-3d", "bias-2d", "bias-3d-is-a-view"],
+)
+@pytest.mark.parametrize("sigma_mode", ["separate", "sqrt"])
+def test_both_paths_give_the_dense_values_and_the_same_gradients(
+    paths, monkeypatch, bias, lead, adds_in_place, sigma_mode
+):
+    model = soka_model(bias, sigma_mode)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(*lead, IN_FEATURES, generator=g, dtype=torch.float64)
+    up = torch.randn(*lead, OUT_FEATURES, generator=g, dtype=torch.float64)
+    got = run(model, x, up)
+    assert paths == [adds_in_place]
+    torch.testing.assert_close(got[0], dense_reference(model, x), rtol=0, atol=1e-12)
+    monkeypatch.setattr(layer_module.SokaLinear, "_adds_in_place", lambda self, result, dtype: False)
+    want = run(model, x, up)
+    assert paths == [adds_in_place, False]
+    assert len(got) == len(want) == (5 if sigma_mode == "separate" else 4)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_a_forward_hook_on_the_base_layer_sees_the_base_output(paths):
+    """A hook may keep the base layer's output: then it is not modified afterwards."""
+    model = soka_model(bias=False)
+    base = model.base_model.model.proj.get_base_layer()
+    kept = []
+    base.register_forward_hook(lambda module, args, output: kept.append(output))
+    x = torch.randn(3, IN_FEATURES, dtype=torch.float64)
+    with torch.no_grad():
+        out = model(x)
+    assert paths == [False]
+    torch.testing.assert_close(kept[0], base(x), rtol=0, atol=0)
+    torch.testing.assert_close(out, dense_reference(model, x), rtol=0, atol=1e-12)
+
+
+def test_autocast_adds_in_place_in_the_autocast_dtype(paths):
+    model = soka_model(bias=False).float()
+    x = torch.randn(2, 5, IN_FEATURES)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert paths == [True]
+    assert out.dtype == torch.bfloat16
+    want = dense_reference(model, x)
+    assert float((out.float() - want).norm() / want.norm()) < 1e-2
