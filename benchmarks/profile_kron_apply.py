@@ -24,7 +24,8 @@ from axolotl_soka.kron import balanced_shape, kron_apply
 
 
 def matmul_macs(name: str, shapes: list[list[int]]) -> int:
-    """Multiply-adds of an ``aten::mm`` / ``addmm`` / ``bmm`` call from its input shapes (0 for other ops)."""
+    """Multiply-adds of an ``aten::mm`` / ``addmm`` / ``bmm`` / ``baddbmm`` call from its input shapes
+    (0 for other ops)."""
     if name == "aten::mm" and len(shapes) >= 2 and len(shapes[0]) == 2:
         (m, k), (_, n) = shapes[0], shapes[1]
         return m * k * n
@@ -33,6 +34,9 @@ def matmul_macs(name: str, shapes: list[list[int]]) -> int:
         return m * k * n
     if name == "aten::bmm" and len(shapes) >= 2 and len(shapes[0]) == 3:
         (b, m, k), (_, _, n) = shapes[0], shapes[1]
+        return b * m * k * n
+    if name in ("aten::baddbmm", "aten::baddbmm_") and len(shapes) >= 3 and len(shapes[1]) == 3:
+        (b, m, k), (_, _, n) = shapes[1], shapes[2]
         return b * m * k * n
     return 0
 

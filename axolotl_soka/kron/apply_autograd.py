@@ -16,9 +16,12 @@ product whose per-token operand ``Z'`` is a plain view of the first one's output
     dR_catᵀ += Xᵀ · dZ          (q, r·p)    one GEMM over the chunk's (token, j) rows
     dX   = dZ · R_cat           (n, q)
 
-Four properties matter for training cost:
-- the intermediate ``Z`` is never kept for backward (it is recomputed there, one extra GEMM), so the only
-  activation saved is the input, as for LoRA, instead of ``r·n·p`` values per token;
+These properties matter for training cost:
+- the intermediate ``Z`` is not kept for backward (it is recomputed there, one extra GEMM), so the only
+  activation saved is the input, as for LoRA, instead of ``r·n·p`` values per token. LoRA-like shapes
+  (``p = 1`` in this orientation) are the exception: their ``r·n``-per-token intermediate is LoRA's own
+  rank-r activation, small next to the input, and is kept (see ``keeps_intermediate``). Their per-token
+  products are matrix-vector, so the second product, ``dZ`` and ``dL`` run as plain GEMMs over the chunk;
 - tokens are processed in chunks whose intermediate fits a byte budget. On a CPU a cache-sized chunk keeps
   the narrow (inner dimension 64 for LLaMA-7B's balanced shapes) GEMMs and the intermediates in cache, where
   they ran 2–3× faster than on the whole batch at once (``benchmarks/profile_kron_apply.py``); on a GPU the
@@ -80,6 +83,24 @@ def _cat_factors(L: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.
     return L.permute(1, 2, 0).reshape(m, n * r), R.reshape(r * R.shape[1], R.shape[2])
 
 
+def keeps_intermediate(r: int, p_c: int, q_c: int) -> bool:
+    """Whether the forward's intermediate is kept for backward rather than recomputed: only for LoRA-like
+    shapes (``p_c = 1``, the per-token products are matrix-vector) whose ``r·n`` intermediate is at most a
+    quarter of the ``n·q`` input, so that keeping it costs little memory next to the input autograd keeps."""
+    return p_c == 1 and 4 * r <= q_c
+
+
+def _add_product(out: torch.Tensor, lhs: torch.Tensor, rhs: torch.Tensor) -> None:
+    """``out += lhs · rhs`` (2-d or batched): a GEMM with β = 1 when the dtypes agree, else through a
+    temporary (an fp32 accumulator of bf16/fp16 products)."""
+    if out.dtype != lhs.dtype:
+        out += torch.matmul(lhs, rhs)
+    elif out.dim() == 2:
+        out.addmm_(lhs, rhs)
+    else:
+        out.baddbmm_(lhs, rhs)
+
+
 def _core_input(x: torch.Tensor, transpose: bool, bufs: _Buffers) -> torch.Tensor:
     """A chunk ``(c, n, q)`` of the input as the first GEMM's rows: ``(c·n, q)``, or ``(c·q, n)`` transposed."""
     c, n, q = x.shape
@@ -119,30 +140,39 @@ class KronApply(torch.autograd.Function):
         else:  # accumulate in place into the caller's (N·m_c·p_c)-element output
             ctx.mark_dirty(add_to)
             y = add_to.view(N, p_c, m_c) if transpose else add_to.view(N, m_c, p_c)
+        # LoRA-like shapes: the intermediate (r·n per token) is small next to the input (n·q per token), so it
+        # is kept for backward like LoRA keeps its rank-r activation, instead of recomputed
+        z_kept = x.new_empty(N * n_c, r) if keeps_intermediate(r, p_c, q_c) else None
         bufs = _Buffers(x)
         for start in range(0, N, chunk):
             xm = _core_input(x[start : start + chunk], transpose, bufs)
             c = xm.shape[0] // n_c
-            z = bufs.take("z", c * n_c, r * p_c)
+            if z_kept is None:
+                z = bufs.take("z", c * n_c, r * p_c)
+            else:
+                z = z_kept[start * n_c : (start + c) * n_c]
             torch.mm(xm, r_cat.T, out=z)
-            z = z.view(c, n_c * r, p_c)
-            if transpose:  # Yᵀ per token, straight into the (c, p_c, m_c) output: Z'ᵀ · L_catᵀ
+            yc = y[start : start + c]
+            if p_c == 1:  # LoRA-like shapes: the per-token products are matrix-vector, so one GEMM per chunk
+                lhs, rhs, yc = z.view(c, n_c * r), l_cat.T, yc.view(c, m_c)
+            elif transpose:  # Yᵀ per token, straight into the (c, p_c, m_c) output: Z'ᵀ · L_catᵀ
+                z = z.view(c, n_c * r, p_c)
                 lhs, rhs = z.transpose(1, 2), l_cat.T.expand(c, n_c * r, m_c)
             else:
+                z = z.view(c, n_c * r, p_c)
                 lhs, rhs = l_cat.expand(c, m_c, n_c * r), z
-            yc = y[start : start + c]
             if add_to is None:
-                torch.bmm(lhs, rhs, out=yc)
+                torch.matmul(lhs, rhs, out=yc)
             else:
-                yc.baddbmm_(lhs, rhs)
-        ctx.save_for_backward(x, L, R)
+                _add_product(yc, lhs, rhs)
+        ctx.save_for_backward(x, L, R, z_kept)
         ctx.transpose, ctx.chunk = transpose, chunk
         return y if add_to is None else add_to
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy: torch.Tensor):
-        x, L, R = ctx.saved_tensors
+        x, L, R, z_kept = ctx.saved_tensors
         transpose, chunk = ctx.transpose, ctx.chunk
         need_x, need_l, need_r = ctx.needs_input_grad[:3]
         need_add_to = ctx.needs_input_grad[5]
@@ -155,35 +185,44 @@ class KronApply(torch.autograd.Function):
         # contiguous transposes of the (small) factors: MKL ran these products 10–25 % faster with them
         l_cat_t, r_cat_t = l_cat.T.contiguous(), r_cat.T.contiguous()
         acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        d_l = torch.zeros(r, m_c, n_c, dtype=acc, device=x.device) if need_l else None
-        d_rcat_t = torch.zeros(q_c, r * p_c, dtype=acc, device=x.device) if need_r else None  # dR_catᵀ
+        vector = p_c == 1  # LoRA-like shapes: dL and dZ as plain GEMMs over the chunk's tokens
+        # accumulators, in the orientation whose GEMM ran fastest: wide outputs for the vector case (MKL ran
+        # the tall-and-thin transposed form 7× slower at 4096 × 8), dR_catᵀ for the others
+        if need_l:  # vector: dL_catᵀ[(j, k), i] = dL_k[i, j]
+            d_l = torch.zeros(*((n_c * r, m_c) if vector else (r, m_c, n_c)), dtype=acc, device=x.device)
+        if need_r:  # vector: dR_cat (r, q); else dR_catᵀ (q, r·p)
+            d_r = torch.zeros(*((r, q_c) if vector else (q_c, r * p_c)), dtype=acc, device=x.device)
         dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
         bufs = _Buffers(x)
         for start in range(0, N, chunk):
             xm = _core_input(x[start : start + chunk], transpose, bufs)
             c = xm.shape[0] // n_c
             dyc = dy[start : start + c]  # (c, m_c, p_c), or (c, p_c, m_c) transposed
-            if transpose or not dyc.is_contiguous():
+            if vector:
+                dyc = dyc.reshape(c, m_c)
+            elif transpose or not dyc.is_contiguous():
                 dyc = bufs.take("dy", c, m_c, p_c).copy_(dyc.transpose(1, 2) if transpose else dyc)
-            if need_l:
+            if need_l and vector:
+                if z_kept is None:  # Z recomputed as in forward: [t, (j, k)]
+                    z = bufs.take("z", c, n_c * r)
+                    torch.mm(xm, r_cat.T, out=z.view(c * n_c, r))
+                else:
+                    z = z_kept[start * n_c : (start + c) * n_c].view(c, n_c * r)
+                _add_product(d_l, z.T, dyc)  # (n_c·r, m_c): Σ_t Z[t, (j, k)] dY[t, i]
+            elif need_l:
                 zt = bufs.take("z", r * p_c, c * n_c)  # Zᵀ recomputed: [(k, a), (t, j)]
                 torch.mm(r_cat_t.T, xm.T, out=zt)
                 dyp = bufs.take("dyp", m_c, p_c, c).copy_(dyc.permute(1, 2, 0))  # [i, a, t]
                 # (r, m_c, n_c): Σ_{a,t} dY[t,i,a] Z[t,j,k,a], with Zᵀ viewed as [k, (a, t), j]
-                lhs, rhs = dyp.view(m_c, p_c * c).expand(r, m_c, p_c * c), zt.view(r, p_c * c, n_c)
-                if acc == x.dtype:
-                    d_l.baddbmm_(lhs, rhs)
-                else:
-                    d_l += torch.bmm(lhs, rhs)
+                _add_product(d_l, dyp.view(m_c, p_c * c).expand(r, m_c, p_c * c), zt.view(r, p_c * c, n_c))
             if need_r or need_x:
-                dz = bufs.take("z", c, n_c * r, p_c)
-                torch.bmm(l_cat_t.expand(c, n_c * r, m_c), dyc, out=dz)
+                if vector:
+                    dz = torch.mm(dyc, l_cat, out=bufs.take("z", c, n_c * r))
+                else:
+                    dz = torch.bmm(l_cat_t.expand(c, n_c * r, m_c), dyc, out=bufs.take("z", c, n_c * r, p_c))
                 dz = dz.view(c * n_c, r * p_c)  # [(t, j), (k, a)]
                 if need_r:
-                    if acc == x.dtype:
-                        d_rcat_t.addmm_(xm.T, dz)
-                    else:
-                        d_rcat_t += xm.T @ dz
+                    _add_product(d_r, *((dz.T, xm) if vector else (xm.T, dz)))
                 if need_x:
                     if transpose:
                         dxm = bufs.take("dx", c * n_c, q_c)
@@ -191,6 +230,9 @@ class KronApply(torch.autograd.Function):
                         dx[start : start + c] = dxm.view(c, n_c, q_c).transpose(1, 2)
                     else:
                         torch.mm(dz, r_cat, out=dx[start : start + c].view(c * n_c, q_c))
-        dL = d_l.to(L.dtype) if need_l else None
-        dR = d_rcat_t.T.reshape(r, p_c, q_c).to(R.dtype) if need_r else None
+        dL = dR = None
+        if need_l:
+            dL = (d_l.view(n_c, r, m_c).permute(1, 2, 0) if vector else d_l).to(L.dtype)
+        if need_r:
+            dR = (d_r if vector else d_r.T).reshape(r, p_c, q_c).to(R.dtype)
         return dx, dL, dR, None, None, d_add_to

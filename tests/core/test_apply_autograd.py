@@ -172,3 +172,36 @@ def test_a_chunk_size_below_one_is_refused(chunk):
         ValueError, match=rf"chunk_tokens must be a positive number of tokens \(or None\), got {chunk}"
     ):
         kron_apply(x, a, b, chunk_tokens=chunk)
+
+
+@pytest.mark.parametrize(
+    ("dims", "r"), [((12, 1, 1, 16), 4), ((1, 16, 12, 1), 3)], ids=["B-first", "A-first"]
+)
+def test_lora_like_shapes_keep_their_small_intermediate(dims, r):
+    """With ``p = 1`` (``m = 1`` A-first) the ``r``-per-token intermediate is kept instead of recomputed,
+    as LoRA keeps its rank-r activation; the values and gradients stay those of the dense product."""
+    x, a, b, up = factors(dims, r=r)
+    saved = []
+
+    def apply(x, a, b):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            return kron_apply(x, a, b, chunk_tokens=4)
+
+    got = grads_of(apply, x, a, b, up)
+    inputs_and_factors = 3
+    assert len(saved) == inputs_and_factors + 1
+    assert saved[-1].shape == (N_TOKENS, r)  # tokens × r (n = 1 in the core orientation)
+    want = grads_of(lambda x, a, b: x @ dense_kron_sum(a, b).T, x, a, b, up)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-10)
+
+
+def test_a_lora_like_rank_too_large_for_the_input_recomputes():
+    x, a, b, _ = factors((12, 1, 1, 8), r=3)  # 4·r > q: the intermediate is not small next to the input
+    x.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        kron_apply(x, a.requires_grad_(), b)
+    assert {t.untyped_storage().data_ptr() for t in saved} == {
+        t.untyped_storage().data_ptr() for t in (x, a, b)
+    }
