@@ -4,8 +4,9 @@ For each layer size, times forward+backward over ``--tokens`` tokens (the input 
 network), counts the bytes autograd saves for backward (activation memory) and, on CUDA, the peak memory. The
 models are timed in interleaved rounds and each round's extra time is taken against that round's base, so a
 shared machine whose speed drifts does not favour any model; the table gives medians over the rounds. A
-reference row runs the same SoKA factors through plain autograd ops (the intermediate kept for backward). It
-also times KPSVD initialisation of one matrix, full vs lowrank. Prints markdown tables.
+reference row runs the same SoKA factors through plain autograd ops (the intermediate kept for backward), and
+a last row is SoKA with the LoRA-like shape ``(out, 1, 1, in)`` at LoRA's rank (LoRA's FLOPs). It also times
+KPSVD initialisation of one matrix, full vs lowrank. Prints markdown tables.
 
     python benchmarks/bench_layer.py                       # fp32 on CPU
     python benchmarks/bench_layer.py --device cuda --dtype bf16
@@ -13,7 +14,8 @@ also times KPSVD initialisation of one matrix, full vs lowrank. Prints markdown 
 FLOP model (multiply-adds per token): base ``out·in`` forward and ``out·in`` backward (input grad only; the
 base is frozen). SoKA term, cheaper contraction order: ``c = min(n·p·(q+m), m·q·(n+p))`` forward and
 ``2c`` backward (input and factor grads; SoKA's autograd function recomputes the first product in backward,
-``n·p·q`` or ``m·q·n`` more, which the share does not count). LoRA rank: ``in + out`` forward, ``2(in + out)`` backward.
+``n·p·q`` or ``m·q·n`` more, which the share does not count; LoRA-like shapes keep it instead). LoRA rank:
+``in + out`` forward, ``2(in + out)`` backward.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from torch import nn  # noqa: E402
 
 import axolotl_soka  # noqa: E402,F401  (registers SoKA with PEFT)
 from axolotl_soka import SokaConfig  # noqa: E402
-from axolotl_soka.kron import balanced_shape, contraction_costs, kpsvd  # noqa: E402
+from axolotl_soka.kron import balanced_shape, contraction_costs, kpsvd, lora_shape  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LAYERS = [(4096, 4096), (11008, 4096)]
@@ -184,6 +186,15 @@ def bench_layers(
                 PlainSoka(soka_layer.get_base_layer(), a * soka_layer.scaling["default"], b),
                 3 * soka_rank * cost,
             ),
+            f"SoKA r={lora_rank} LoRA-like {lora_shape(out_f, in_f).as_list()}": (
+                get_peft_model(
+                    OneLinear(out_f, in_f).to(device, dtype),
+                    SokaConfig(
+                        target_modules=["proj"], factor_shape="lora", rank_pattern={"proj": lora_rank}
+                    ),
+                ),
+                3 * lora_rank * (in_f + out_f),
+            ),
         }
         x = torch.randn(tokens, in_f, device=device, dtype=dtype, requires_grad=True)
         grad = torch.randn(tokens, out_f, device=device, dtype=dtype)
@@ -289,7 +300,8 @@ def print_layers(args: argparse.Namespace, device: torch.device) -> None:
     for r in bench_layers(
         args.tokens, DTYPES[args.dtype], device, args.repeats, parse_layers(args.layers), args.lora_rank
     ):
-        ratio = "–" if math.isnan(r["ratio"]) else f"{r['ratio']:.2f}"
+        # no ratio for the base itself, nor where the median round was not slower than the base (noise)
+        ratio = "–" if math.isnan(r["ratio"]) or r["extra_time"] <= 0 else f"{r['ratio']:.2f}"
         print(
             f"| {r['layer']} | {r['method']} | {r['trainable']:,} | {r['ms']:.1f} | {r['extra_time']:+.1%} | "
             f"{r['extra_range'][0]:+.0%} … {r['extra_range'][1]:+.0%} | "
