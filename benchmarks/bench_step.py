@@ -26,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from bench_layer import saved_bytes  # noqa: E402
 from headtohead.methods import METHODS, MethodSpec, build, make_config, trainable  # noqa: E402
 from headtohead.training import DATA, REPO, collate, encode, read_jsonl  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
@@ -33,35 +34,20 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 DEFAULT_METHODS = ("lora", "lokr", "soka", "soka-lora-shape")
 
 
-def saved_mib(model: torch.nn.Module, fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
-    """``fn()`` and the MiB of the tensors autograd saved for backward meanwhile (parameters excluded)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(seen.values()) / 2**20
-
-
 def make_step(model: torch.nn.Module) -> Callable[[dict], tuple[float, float]]:
     """One optimiser step on a batch; returns ``(seconds, saved activation MiB)``."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def step(batch: dict) -> tuple[float, float]:
         start = time.perf_counter()
-        loss, mib = saved_mib(model, lambda: model(**batch).loss)
+        loss, nbytes = saved_bytes(lambda: model(**batch).loss, exclude=storages)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - start, mib
+        return time.perf_counter() - start, nbytes / 2**20
 
     return step
 
