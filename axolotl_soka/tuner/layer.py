@@ -9,6 +9,7 @@ buffers ``soka_A0`` (σ folded in) and ``soka_B0`` and the frozen base weight ho
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from typing import Any
@@ -22,6 +23,19 @@ from ..kron.apply import kron_apply, kron_delta
 from ..kron.kpsvd import KPSVDResult
 from ..kron.shapes import KronShape
 from .distributed import gathered
+
+
+def _keeps_no_output(hook: Any) -> bool:
+    """Whether a forward hook is known not to keep the module's output: DeepSpeed ZeRO-3's module hooks
+    (``deepspeed.runtime.zero.parameter_offload``) fetch and release the weight and wrap the output in a
+    pass-through autograd function for the backward's fetch; they keep no reference to it. Some of them come
+    wrapped by DeepSpeed's NVTX decorator, which does not use ``functools.wraps``: the wrapped function is
+    found in its closure."""
+    func = inspect.unwrap(hook)
+    if getattr(func, "__module__", None) == "deepspeed.utils.nvtx":
+        inner = [cell.cell_contents for cell in func.__closure__ or () if callable(cell.cell_contents)]
+        func = inner[0] if len(inner) == 1 else func
+    return (getattr(func, "__module__", None) or "").startswith("deepspeed.runtime.zero.")
 
 
 class SokaLayer(BaseTunerLayer):
@@ -262,17 +276,17 @@ class SokaLinear(nn.Module, SokaLayer):
 
     def _adds_in_place(self, result: torch.Tensor, compute_dtype: torch.dtype) -> bool:
         """Whether the adapter's product can be added into the base output in place (no output-sized
-        temporary, no extra pass over memory): the base is a plain ``nn.Linear`` without forward hooks (so
-        neither its backward nor a hook keeps the output), and the output is a contiguous non-view tensor of
-        the dtype the product runs in (the autocast dtype under autocast). A biased layer on 3-d input returns
-        a view and takes the out-of-place path."""
+        temporary, no extra pass over memory): the base is a plain ``nn.Linear`` without forward hooks other
+        than DeepSpeed ZeRO-3's (so neither its backward nor a hook keeps the output), and the output is a
+        contiguous non-view tensor of the dtype the product runs in (the autocast dtype under autocast). A
+        biased layer on 3-d input returns a view and takes the out-of-place path."""
         base = self.get_base_layer()
         device_type = result.device.type
         if torch.is_autocast_enabled(device_type):
             compute_dtype = torch.get_autocast_dtype(device_type)
         return (
             type(base) is nn.Linear
-            and not base._forward_hooks
+            and all(_keeps_no_output(hook) for hook in base._forward_hooks.values())
             and not nn.modules.module._global_forward_hooks
             and result.dtype == compute_dtype
             and result.is_contiguous()

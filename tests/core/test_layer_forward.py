@@ -114,3 +114,45 @@ def test_autocast_adds_in_place_in_the_autocast_dtype(paths):
     assert out.dtype == torch.bfloat16
     want = dense_reference(model, x)
     assert float((out.float() - want).norm() / want.norm()) < 1e-2
+
+
+def _zero3_like(hook, module: str):
+    hook.__module__ = module
+    return hook
+
+
+def _nvtx_wrapped(func):
+    """Like DeepSpeed's ``instrument_w_nvtx``: a wrapper without ``functools.wraps``."""
+
+    def wrapped_fn(*args, **kwargs):
+        return func(*args, **kwargs)
+
+    wrapped_fn.__module__ = "deepspeed.utils.nvtx"
+    return wrapped_fn
+
+
+@pytest.mark.parametrize(
+    ("wrap", "adds_in_place"),
+    [
+        (lambda hook: _zero3_like(hook, "deepspeed.runtime.zero.parameter_offload"), True),
+        (lambda hook: _nvtx_wrapped(_zero3_like(hook, "deepspeed.runtime.zero.parameter_offload")), True),
+        (lambda hook: _nvtx_wrapped(hook), False),
+        (lambda hook: _zero3_like(hook, "deepspeed.runtime.pipe.module"), False),
+    ],
+    ids=["zero3", "zero3-in-nvtx", "other-in-nvtx", "other-deepspeed"],
+)
+def test_deepspeed_zero3_hooks_keep_the_in_place_path(paths, wrap, adds_in_place):
+    """ZeRO-3 hooks every module to fetch and release its weight; they keep no output, so the sum stays in
+    place under ZeRO-3. Any other hook takes the out-of-place path."""
+    model = soka_model(bias=False)
+    base = model.base_model.model.proj.get_base_layer()
+
+    def hook(module, args, output):
+        return None
+
+    base.register_forward_hook(wrap(hook))
+    x = torch.randn(3, IN_FEATURES, dtype=torch.float64)
+    with torch.no_grad():
+        out = model(x)
+    assert paths == [adds_in_place]
+    torch.testing.assert_close(out, dense_reference(model, x), rtol=0, atol=1e-12)
