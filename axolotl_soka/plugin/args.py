@@ -35,6 +35,7 @@ KEY_TO_FIELD: dict[str, str] = {
     "soka_sigma_mode": "sigma_mode",
     "soka_factor_shape": "factor_shape",
     "soka_dropout": "dropout",
+    "soka_chunk_tokens": "chunk_tokens",
     "soka_rank_pattern": "rank_pattern",
     "soka_shape_pattern": "shape_pattern",
     "soka_exclude_modules": "exclude_modules",
@@ -208,6 +209,11 @@ class SokaArgs(BaseModel):
         "module's share of soka_param_budget), or [m, n, p, q] with m·p = out and n·q = in.",
     )
     soka_dropout: float = Field(default=0.0, description="Dropout on the adapter input, in [0, 1).")
+    soka_chunk_tokens: int | None = Field(
+        default=None,
+        description="Tokens per chunk of the factored product (unset: a cache-sized chunk on a CPU, a 256 MiB "
+        "intermediate on a GPU). Smaller chunks lower the transient memory, not the saved activations.",
+    )
     soka_rank_pattern: dict[str, int] | None = Field(
         default=None, description="Fixed term counts per module name or regex (skips rank selection there)."
     )

@@ -112,6 +112,13 @@ class SokaConfig(PeftConfig):
         },
     )
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input."})
+    chunk_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tokens per chunk of the factored product (None: a cache-sized chunk on a CPU, a 256 MiB "
+            "intermediate elsewhere). Smaller chunks lower the transient memory, not the saved activations."
+        },
+    )
     rank_pattern: dict[str, int] = field(
         default_factory=dict,
         metadata={"help": "Fixed term counts per module name pattern (skips selection)."},
@@ -173,6 +180,12 @@ class SokaConfig(PeftConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.chunk_tokens is not None and (
+            not isinstance(self.chunk_tokens, int)
+            or isinstance(self.chunk_tokens, bool)
+            or self.chunk_tokens < 1
+        ):
+            raise ValueError(f"chunk_tokens must be a positive integer or None, got {self.chunk_tokens!r}")
         if not (0.0 <= float(self.dropout) < 1.0):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if float(self.alpha) == 0.0:

@@ -42,7 +42,9 @@ class SokaLayer(BaseTunerLayer):
     """State and math shared by SoKA layers; see the module docstring for the tensors and formula."""
 
     adapter_layer_names = ("soka_A", "soka_B", "soka_s")
-    other_param_names = ("soka_A0", "soka_B0", "soka_dropout", "r", "kshape", "scaling", "sigma_mode")
+    other_param_names = (
+        "soka_A0", "soka_B0", "soka_dropout", "r", "kshape", "scaling", "sigma_mode", "chunk_tokens"
+    )  # fmt: skip
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -56,6 +58,7 @@ class SokaLayer(BaseTunerLayer):
         self.kshape: dict[str, KronShape] = {}
         self.scaling: dict[str, float] = {}
         self.sigma_mode: dict[str, str] = {}
+        self.chunk_tokens: dict[str, int | None] = {}  # tokens per chunk of the product (None: by device)
         # adapter -> whether alpha·Σ A0⊗B0 is currently subtracted from the base weight (kpsvd adapters only)
         self.soka_residual: dict[str, bool] = {}
         self._soka_incoming: set[str] = set()
@@ -77,6 +80,7 @@ class SokaLayer(BaseTunerLayer):
         sigma_mode: str,
         alpha: float,
         dropout: float,
+        chunk_tokens: int | None = None,
         factors: KPSVDResult | None = None,
         seed: int = 0,
     ) -> None:
@@ -95,6 +99,7 @@ class SokaLayer(BaseTunerLayer):
         self.scaling[adapter_name] = float(alpha)
         self.sigma_mode[adapter_name] = sigma_mode
         self.soka_dropout[adapter_name] = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
+        self.chunk_tokens[adapter_name] = chunk_tokens
 
         sigma: torch.Tensor | None = None
         if init == "kpsvd" and factors is not None:
@@ -268,10 +273,11 @@ class SokaLinear(nn.Module, SokaLayer):
             h = self.soka_dropout[adapter](x)
             compute_dtype = h.dtype if h.is_floating_point() else a.dtype
             h, a, b = h.to(compute_dtype), a.to(compute_dtype), b.to(compute_dtype)
+            chunk = self.chunk_tokens.get(adapter)
             if self._adds_in_place(result, compute_dtype):
-                result = kron_apply(h, a, b, add_to=result)
+                result = kron_apply(h, a, b, chunk_tokens=chunk, add_to=result)
             else:
-                result = result + kron_apply(h, a, b).to(out_dtype)
+                result = result + kron_apply(h, a, b, chunk_tokens=chunk).to(out_dtype)
         return result
 
     def _adds_in_place(self, result: torch.Tensor, compute_dtype: torch.dtype) -> bool:

@@ -96,6 +96,7 @@ class SokaModel(BaseTuner):
             sigma_mode=peft_config.sigma_mode,
             alpha=peft_config.alpha,
             dropout=peft_config.dropout,
+            chunk_tokens=peft_config.chunk_tokens,
             factors=factors,
             seed=peft_config.seed ^ zlib.crc32(current_key.encode()),
         )

@@ -1,9 +1,11 @@
 """``SokaLinear.forward``: the adapter's product is added into the base output in place when that is safe,
 out of place otherwise, with the same values and gradients either way."""
 
+import json
+
 import pytest
 import torch
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from torch import nn
 
 import axolotl_soka.tuner.layer as layer_module
@@ -156,3 +158,29 @@ def test_deepspeed_zero3_hooks_keep_the_in_place_path(paths, wrap, adds_in_place
         out = model(x)
     assert paths == [adds_in_place]
     torch.testing.assert_close(out, dense_reference(model, x), rtol=0, atol=1e-12)
+
+
+def test_chunk_tokens_reaches_the_product_and_is_saved(monkeypatch, tmp_path):
+    chunks: list[int | None] = []
+    original = layer_module.kron_apply
+
+    def recording(*args, **kwargs):
+        chunks.append(kwargs.get("chunk_tokens"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(layer_module, "kron_apply", recording)
+    torch.manual_seed(0)
+    config = SokaConfig(target_modules=["proj"], rank_pattern={"proj": 3}, chunk_tokens=2)
+    model = get_peft_model(OneLinear(bias=False), config)
+    x = torch.randn(2, 5, IN_FEATURES)
+    with torch.no_grad():
+        out = model(x)
+    assert chunks == [2]
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["chunk_tokens"] == 2
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(OneLinear(bias=False), tmp_path)
+    assert loaded.base_model.model.proj.chunk_tokens == {"default": 2}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), out, rtol=1e-5, atol=1e-6)
+    assert chunks == [2, 2]

@@ -571,6 +571,7 @@ BAD_INPUTS = {
     ),
     "alpha_zero": ({"alpha": 0.0}, ["alpha", "non-zero"], None),
     "dropout": ({"dropout": 1.0}, ["dropout", "[0, 1)"], None),
+    "chunk_tokens": ({"chunk_tokens": 0}, ["chunk_tokens", "positive integer or None", "got 0"], None),
     "search_window": ({"search_window": 2}, ["search_window", "at least 3"], None),
     "no_match": (
         {"target_modules": ["nonexistent_proj"]},

@@ -57,6 +57,7 @@ BAD_VALUES = [
     ({"soka_factor_shape": "square"}, ["soka_factor_shape", "'square'", "balanced, lora"]),
     ({"soka_factor_shape": [2, 2]}, ["soka_factor_shape", "[2, 2]", "four positive integers"]),
     ({"soka_dropout": 1.0}, ["soka_dropout", "1.0", "[0, 1)"]),
+    ({"soka_chunk_tokens": 0}, ["soka_chunk_tokens", "positive integer", "got 0"]),
     ({"soka_rank_pattern": {"q_proj": -1}}, ["soka_rank_pattern", "q_proj", "non-negative integer"]),
     ({"soka_shape_pattern": {"q_proj": "wide"}}, ["soka_shape_pattern", "'wide'", "balanced, lora"]),
     ({"soka_target_modules": []}, ["soka_target_modules", "[]", "non-empty list"]),
