@@ -35,7 +35,8 @@ def kron_apply(
 
     All terms at once (the sum over ``k`` is folded into the second product's inner dimension), in the
     cheaper of the two contraction orders; ``ΔW`` is never formed and the ``r·n·p``-per-token intermediate is
-    not kept for backward (:class:`~axolotl_soka.kron.apply_autograd.KronApply` recomputes it). Tokens run in
+    not kept for backward (:class:`~axolotl_soka.kron.apply_autograd.KronApply` recomputes it; LoRA-like
+    shapes keep their small ``r``-per-token one, as LoRA does). Tokens run in
     chunks of ``chunk_tokens`` (default: a cache-sized chunk on a CPU, a whole micro-batch on a GPU).
     Under ``torch.autocast`` the product runs in the autocast dtype, like ``torch.matmul`` would.
     """

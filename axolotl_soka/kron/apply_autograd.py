@@ -101,6 +101,11 @@ def _add_product(out: torch.Tensor, lhs: torch.Tensor, rhs: torch.Tensor) -> Non
         out.baddbmm_(lhs, rhs)
 
 
+def _output_shape(N: int, m_c: int, p_c: int, transpose: bool) -> tuple[int, int, int]:
+    """The output as the core orientation writes it: ``(N, m_c, p_c)``, or ``(N, p_c, m_c)`` transposed."""
+    return (N, p_c, m_c) if transpose else (N, m_c, p_c)
+
+
 def _core_input(x: torch.Tensor, transpose: bool, bufs: _Buffers) -> torch.Tensor:
     """A chunk ``(c, n, q)`` of the input as the first GEMM's rows: ``(c·n, q)``, or ``(c·q, n)`` transposed."""
     c, n, q = x.shape
@@ -135,11 +140,12 @@ class KronApply(torch.autograd.Function):
         _, p_c, q_c = R.shape
         N = x.shape[0]
         l_cat, r_cat = _cat_factors(L, R)
+        y_shape = _output_shape(N, m_c, p_c, transpose)
         if add_to is None:
-            y = x.new_empty(N, p_c, m_c) if transpose else x.new_empty(N, m_c, p_c)
+            y = x.new_empty(y_shape)
         else:  # accumulate in place into the caller's (N·m_c·p_c)-element output
             ctx.mark_dirty(add_to)
-            y = add_to.view(N, p_c, m_c) if transpose else add_to.view(N, m_c, p_c)
+            y = add_to.view(y_shape)
         # LoRA-like shapes: the intermediate (r·n per token) is small next to the input (n·q per token), so it
         # is kept for backward like LoRA keeps its rank-r activation, instead of recomputed
         z_kept = x.new_empty(N * n_c, r) if keeps_intermediate(r, p_c, q_c) else None
@@ -180,14 +186,15 @@ class KronApply(torch.autograd.Function):
         _, p_c, q_c = R.shape
         N = x.shape[0]
         d_add_to = dy if need_add_to else None  # y = add_to + …: its gradient passes through unchanged
-        dy = dy.to(x.dtype).reshape(N, p_c, m_c) if transpose else dy.to(x.dtype).reshape(N, m_c, p_c)
+        dy = dy.to(x.dtype).reshape(_output_shape(N, m_c, p_c, transpose))
         l_cat, r_cat = _cat_factors(L, R)
         # contiguous transposes of the (small) factors: MKL ran these products 10–25 % faster with them
         l_cat_t, r_cat_t = l_cat.T.contiguous(), r_cat.T.contiguous()
         acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         vector = p_c == 1  # LoRA-like shapes: dL and dZ as plain GEMMs over the chunk's tokens
-        # accumulators, in the orientation whose GEMM ran fastest: wide outputs for the vector case (MKL ran
-        # the tall-and-thin transposed form 7× slower at 4096 × 8), dR_catᵀ for the others
+        # accumulators, in the orientation whose GEMM ran fastest (benchmarks/bench_products.py): wide outputs
+        # for the vector case (MKL ran the tall-and-thin transposed form 6.7× slower at 4096 × 8), dR_catᵀ for
+        # the others
         if need_l:  # vector: dL_catᵀ[(j, k), i] = dL_k[i, j]
             d_l = torch.zeros(*((n_c * r, m_c) if vector else (r, m_c, n_c)), dtype=acc, device=x.device)
         if need_r:  # vector: dR_cat (r, q); else dR_catᵀ (q, r·p)
