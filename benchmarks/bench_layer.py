@@ -5,6 +5,8 @@ network), counts the bytes autograd saves for backward (activation memory) and, 
 models are timed in interleaved rounds and each round's extra time is taken against that round's base, so a
 shared machine whose speed drifts does not favour any model; the table gives medians over the rounds. A
 reference row runs the same SoKA factors through plain autograd ops (the intermediate kept for backward), and
+a "dense forward" row runs the same SoKA layer with ``forward_mode="dense"`` (one GEMM on ``W + ΔW``, formed
+per call; its FLOP share is still counted as the factored product's, so the two rows compare directly), and
 a last row is SoKA with the LoRA-like shape ``(out, 1, 1, in)`` at LoRA's rank (LoRA's FLOPs). It also times
 KPSVD initialisation of one matrix, full vs lowrank. Prints markdown tables.
 
@@ -182,6 +184,15 @@ def bench_layers(
                 3 * lora_rank * (in_f + out_f),
             ),
             soka_name: (soka, 3 * soka_rank * cost),
+            f"{soka_name}, dense forward": (
+                get_peft_model(
+                    OneLinear(out_f, in_f).to(device, dtype),
+                    SokaConfig(
+                        target_modules=["proj"], rank_pattern={"proj": soka_rank}, forward_mode="dense"
+                    ),
+                ),
+                3 * soka_rank * cost,
+            ),
             f"{soka_name}, plain autograd": (
                 PlainSoka(soka_layer.get_base_layer(), a * soka_layer.scaling["default"], b),
                 3 * soka_rank * cost,

@@ -9,6 +9,7 @@ backward in one step (parameters excluded), counted by storage. Prints a markdow
 
     python benchmarks/bench_step.py                                   # SmolLM2-135M from the demo, CPU fp32
     python benchmarks/bench_step.py --ranks 4 --methods lora,soka --rounds 5
+    python benchmarks/bench_step.py --dense        # also each SoKA method with forward_mode="dense"
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=7, help="timed interleaved rounds (after 2 warm-ups)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--max-len", type=int, default=160)
+    parser.add_argument(
+        "--dense",
+        action="store_true",
+        help='also run each SoKA method with forward_mode="dense" ("<method>+dense")',
+    )
     args = parser.parse_args()
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(METHODS))
@@ -90,8 +96,12 @@ def main() -> None:
     for rank in args.ranks:
         for method in args.methods:
             spec = MethodSpec(method, rank)
-            model = build(copy.deepcopy(base), make_config(base, spec, seed=0))
-            models[(method, rank)] = model.train()
+            config = make_config(base, spec, seed=0)
+            models[(method, rank)] = build(copy.deepcopy(base), config).train()
+            if args.dense and method.startswith("soka"):
+                config = make_config(base, spec, seed=0)
+                config.forward_mode = "dense"
+                models[(f"{method}+dense", rank)] = build(copy.deepcopy(base), config).train()
     steps = {key: make_step(model) for key, model in models.items()}
     seconds: dict[tuple[str, int], list[float]] = {key: [] for key in steps}
     mib: dict[tuple[str, int], float] = {}

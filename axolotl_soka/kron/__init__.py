@@ -1,10 +1,11 @@
-"""Pure Kronecker math for SoKA: shapes, the rearrangement, KPSVD, factored apply and rank selection.
+"""Pure Kronecker math for SoKA: shapes, the rearrangement, KPSVD, factored and dense apply, rank selection.
 
 Plain torch functions; nothing here imports PEFT or Axolotl.
 """
 
 from .apply import contraction_costs, kron_apply, kron_delta
 from .budget import BudgetItem, allocate_budget, parse_budget
+from .dense_forward import dense_forward_pays, effective_weight, kron_linear
 from .kpsvd import SVD_METHODS, KPSVDResult, fix_signs, kpsvd, kron_coefficients, randomized_svd
 from .rank import (
     COMBINE_MODES,
@@ -38,8 +39,10 @@ __all__ = [
     "candidate_shapes",
     "check_selection_args",
     "contraction_costs",
+    "dense_forward_pays",
     "divisors",
     "elbow_curvature",
+    "effective_weight",
     "elbow_kneedle",
     "energy_kept",
     "energy_rank",
@@ -49,6 +52,7 @@ __all__ = [
     "kron_apply",
     "kron_coefficients",
     "kron_delta",
+    "kron_linear",
     "lora_shape",
     "parse_budget",
     "randomized_svd",

@@ -179,67 +179,84 @@ class KronApply(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, dy: torch.Tensor):
         x, L, R, z_kept = ctx.saved_tensors
-        transpose, chunk = ctx.transpose, ctx.chunk
         need_x, need_l, need_r = ctx.needs_input_grad[:3]
-        need_add_to = ctx.needs_input_grad[5]
-        r, m_c, n_c = L.shape
-        _, p_c, q_c = R.shape
-        N = x.shape[0]
-        d_add_to = dy if need_add_to else None  # y = add_to + …: its gradient passes through unchanged
-        dy = dy.to(x.dtype).reshape(_output_shape(N, m_c, p_c, transpose))
-        l_cat, r_cat = _cat_factors(L, R)
-        # contiguous transposes of the (small) factors: MKL ran these products 10–25 % faster with them
-        l_cat_t, r_cat_t = l_cat.T.contiguous(), r_cat.T.contiguous()
-        acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        vector = p_c == 1  # LoRA-like shapes: dL and dZ as plain GEMMs over the chunk's tokens
-        # accumulators, in the orientation whose GEMM ran fastest (benchmarks/bench_products.py): wide outputs
-        # for the vector case (MKL ran the tall-and-thin transposed form 6.7× slower at 4096 × 8), dR_catᵀ for
-        # the others
-        if need_l:  # vector: dL_catᵀ[(j, k), i] = dL_k[i, j]
-            d_l = torch.zeros(*((n_c * r, m_c) if vector else (r, m_c, n_c)), dtype=acc, device=x.device)
-        if need_r:  # vector: dR_cat (r, q); else dR_catᵀ (q, r·p)
-            d_r = torch.zeros(*((r, q_c) if vector else (q_c, r * p_c)), dtype=acc, device=x.device)
-        dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
-        bufs = _Buffers(x)
-        for start in range(0, N, chunk):
-            xm = _core_input(x[start : start + chunk], transpose, bufs)
-            c = xm.shape[0] // n_c
-            dyc = dy[start : start + c]  # (c, m_c, p_c), or (c, p_c, m_c) transposed
-            if vector:
-                dyc = dyc.reshape(c, m_c)
-            elif transpose or not dyc.is_contiguous():
-                dyc = bufs.take("dy", c, m_c, p_c).copy_(dyc.transpose(1, 2) if transpose else dyc)
-            if need_l and vector:
-                if z_kept is None:  # Z recomputed as in forward: [t, (j, k)]
-                    z = bufs.take("z", c, n_c * r)
-                    torch.mm(xm, r_cat.T, out=z.view(c * n_c, r))
-                else:
-                    z = z_kept[start * n_c : (start + c) * n_c].view(c, n_c * r)
-                _add_product(d_l, z.T, dyc)  # (n_c·r, m_c): Σ_t Z[t, (j, k)] dY[t, i]
-            elif need_l:
-                zt = bufs.take("z", r * p_c, c * n_c)  # Zᵀ recomputed: [(k, a), (t, j)]
-                torch.mm(r_cat_t.T, xm.T, out=zt)
-                dyp = bufs.take("dyp", m_c, p_c, c).copy_(dyc.permute(1, 2, 0))  # [i, a, t]
-                # (r, m_c, n_c): Σ_{a,t} dY[t,i,a] Z[t,j,k,a], with Zᵀ viewed as [k, (a, t), j]
-                _add_product(d_l, dyp.view(m_c, p_c * c).expand(r, m_c, p_c * c), zt.view(r, p_c * c, n_c))
-            if need_r or need_x:
-                if vector:
-                    dz = torch.mm(dyc, l_cat, out=bufs.take("z", c, n_c * r))
-                else:
-                    dz = torch.bmm(l_cat_t.expand(c, n_c * r, m_c), dyc, out=bufs.take("z", c, n_c * r, p_c))
-                dz = dz.view(c * n_c, r * p_c)  # [(t, j), (k, a)]
-                if need_r:
-                    _add_product(d_r, *((dz.T, xm) if vector else (xm.T, dz)))
-                if need_x:
-                    if transpose:
-                        dxm = bufs.take("dx", c * n_c, q_c)
-                        torch.mm(dz, r_cat, out=dxm)
-                        dx[start : start + c] = dxm.view(c, n_c, q_c).transpose(1, 2)
-                    else:
-                        torch.mm(dz, r_cat, out=dx[start : start + c].view(c * n_c, q_c))
-        dL = dR = None
-        if need_l:
-            dL = (d_l.view(n_c, r, m_c).permute(1, 2, 0) if vector else d_l).to(L.dtype)
-        if need_r:
-            dR = (d_r if vector else d_r.T).reshape(r, p_c, q_c).to(R.dtype)
+        d_add_to = dy if ctx.needs_input_grad[5] else None  # y = add_to + …: its gradient passes through
+        dx, dL, dR = kron_backward(x, L, R, dy, ctx.transpose, ctx.chunk, need_x, need_l, need_r, z_kept)
         return dx, dL, dR, None, None, d_add_to
+
+
+def kron_backward(
+    x: torch.Tensor,
+    L: torch.Tensor,
+    R: torch.Tensor,
+    dy: torch.Tensor,
+    transpose: bool,
+    chunk: int,
+    need_x: bool,
+    need_l: bool,
+    need_r: bool,
+    z_kept: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(dx, dL, dR)`` of :class:`KronApply`'s ``y`` for ``x: (N, n, q)`` and the incoming gradient ``dy``
+    (``N·m·p`` values), each ``None`` where not needed. ``z_kept`` is the forward's kept intermediate
+    (``(N·n, r)``, LoRA-like shapes only); without it the intermediate is recomputed per chunk."""
+    r, m_c, n_c = L.shape
+    _, p_c, q_c = R.shape
+    N = x.shape[0]
+    dy = dy.to(x.dtype).reshape(_output_shape(N, m_c, p_c, transpose))
+    l_cat, r_cat = _cat_factors(L, R)
+    # contiguous transposes of the (small) factors: MKL ran these products 10–25 % faster with them
+    l_cat_t, r_cat_t = l_cat.T.contiguous(), r_cat.T.contiguous()
+    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    vector = p_c == 1  # LoRA-like shapes: dL and dZ as plain GEMMs over the chunk's tokens
+    # accumulators, in the orientation whose GEMM ran fastest (benchmarks/bench_products.py): wide outputs
+    # for the vector case (MKL ran the tall-and-thin transposed form 6.7× slower at 4096 × 8), dR_catᵀ for
+    # the others
+    if need_l:  # vector: dL_catᵀ[(j, k), i] = dL_k[i, j]
+        d_l = torch.zeros(*((n_c * r, m_c) if vector else (r, m_c, n_c)), dtype=acc, device=x.device)
+    if need_r:  # vector: dR_cat (r, q); else dR_catᵀ (q, r·p)
+        d_r = torch.zeros(*((r, q_c) if vector else (q_c, r * p_c)), dtype=acc, device=x.device)
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
+    bufs = _Buffers(x)
+    for start in range(0, N, chunk):
+        xm = _core_input(x[start : start + chunk], transpose, bufs)
+        c = xm.shape[0] // n_c
+        dyc = dy[start : start + c]  # (c, m_c, p_c), or (c, p_c, m_c) transposed
+        if vector:
+            dyc = dyc.reshape(c, m_c)
+        elif transpose or not dyc.is_contiguous():
+            dyc = bufs.take("dy", c, m_c, p_c).copy_(dyc.transpose(1, 2) if transpose else dyc)
+        if need_l and vector:
+            if z_kept is None:  # Z recomputed as in forward: [t, (j, k)]
+                z = bufs.take("z", c, n_c * r)
+                torch.mm(xm, r_cat.T, out=z.view(c * n_c, r))
+            else:
+                z = z_kept[start * n_c : (start + c) * n_c].view(c, n_c * r)
+            _add_product(d_l, z.T, dyc)  # (n_c·r, m_c): Σ_t Z[t, (j, k)] dY[t, i]
+        elif need_l:
+            zt = bufs.take("z", r * p_c, c * n_c)  # Zᵀ recomputed: [(k, a), (t, j)]
+            torch.mm(r_cat_t.T, xm.T, out=zt)
+            dyp = bufs.take("dyp", m_c, p_c, c).copy_(dyc.permute(1, 2, 0))  # [i, a, t]
+            # (r, m_c, n_c): Σ_{a,t} dY[t,i,a] Z[t,j,k,a], with Zᵀ viewed as [k, (a, t), j]
+            _add_product(d_l, dyp.view(m_c, p_c * c).expand(r, m_c, p_c * c), zt.view(r, p_c * c, n_c))
+        if need_r or need_x:
+            if vector:
+                dz = torch.mm(dyc, l_cat, out=bufs.take("z", c, n_c * r))
+            else:
+                dz = torch.bmm(l_cat_t.expand(c, n_c * r, m_c), dyc, out=bufs.take("z", c, n_c * r, p_c))
+            dz = dz.view(c * n_c, r * p_c)  # [(t, j), (k, a)]
+            if need_r:
+                _add_product(d_r, *((dz.T, xm) if vector else (xm.T, dz)))
+            if need_x:
+                if transpose:
+                    dxm = bufs.take("dx", c * n_c, q_c)
+                    torch.mm(dz, r_cat, out=dxm)
+                    dx[start : start + c] = dxm.view(c, n_c, q_c).transpose(1, 2)
+                else:
+                    torch.mm(dz, r_cat, out=dx[start : start + c].view(c * n_c, q_c))
+    dL = dR = None
+    if need_l:
+        dL = (d_l.view(n_c, r, m_c).permute(1, 2, 0) if vector else d_l).to(L.dtype)
+    if need_r:
+        dR = (d_r if vector else d_r.T).reshape(r, p_c, q_c).to(R.dtype)
+    return dx, dL, dR

@@ -36,6 +36,7 @@ KEY_TO_FIELD: dict[str, str] = {
     "soka_factor_shape": "factor_shape",
     "soka_dropout": "dropout",
     "soka_chunk_tokens": "chunk_tokens",
+    "soka_forward_mode": "forward_mode",
     "soka_rank_pattern": "rank_pattern",
     "soka_shape_pattern": "shape_pattern",
     "soka_exclude_modules": "exclude_modules",
@@ -213,6 +214,13 @@ class SokaArgs(BaseModel):
         default=None,
         description="Tokens per chunk of the factored product (unset: a cache-sized chunk on a CPU, a 256 MiB "
         "intermediate on a GPU). Smaller chunks lower the transient memory, not the saved activations.",
+    )
+    soka_forward_mode: str = Field(
+        default="factored",
+        description="factored: ΔW is never formed; dense: for calls with enough tokens (training batches), the "
+        "layer runs as one GEMM on W + ΔW formed transiently, factor gradients factored. dense is faster, costs "
+        "one weight-sized temporary per layer call, and applies without dropout and without module hooks "
+        "(not under DeepSpeed ZeRO-3, which keeps factored).",
     )
     soka_rank_pattern: dict[str, int] | None = Field(
         default=None, description="Fixed term counts per module name or regex (skips rank selection there)."

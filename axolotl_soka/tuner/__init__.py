@@ -1,7 +1,7 @@
 """SoKA as a PEFT method: ``SokaConfig``, ``SokaModel`` and ``SokaLayer`` (the layout of PEFT's own tuners)."""
 
 from .calibration import GradientCalibration, calibrate_gradients
-from .config import INIT_MODES, INIT_SOURCES, SIGMA_MODES, SokaConfig
+from .config import FORWARD_MODES, INIT_MODES, INIT_SOURCES, SIGMA_MODES, SokaConfig
 from .export import export_delta_adapter
 from .layer import SokaLayer, SokaLinear
 from .model import SokaModel
@@ -11,6 +11,7 @@ from .save import save_adapter
 from .selection import ModuleSelection
 
 __all__ = [
+    "FORWARD_MODES",
     "INIT_MODES",
     "INIT_SOURCES",
     "GradientCalibration",

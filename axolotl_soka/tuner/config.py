@@ -16,6 +16,7 @@ from .peft_type import SOKA_PEFT_TYPE
 INIT_MODES = ("kpsvd", "zero", "gradient")
 INIT_SOURCES = ("weight", "gradient")
 SIGMA_MODES = ("separate", "sqrt")
+FORWARD_MODES = ("factored", "dense")
 AUTO_SHAPE = "auto"  # search each module's shape (see axolotl_soka.kron.shape_search)
 SHAPE_SPECS = (*SHAPE_RULES, AUTO_SHAPE)
 
@@ -119,6 +120,14 @@ class SokaConfig(PeftConfig):
             "intermediate elsewhere). Smaller chunks lower the transient memory, not the saved activations."
         },
     )
+    forward_mode: str = field(
+        default="factored",
+        metadata={
+            "help": "factored: ΔW is never formed, the product runs as two small matrix products per token; "
+            "dense: for calls with enough tokens, W + ΔW is formed transiently and the layer runs as one GEMM "
+            "on it (factor gradients stay factored): faster, one weight-sized temporary per layer call."
+        },
+    )
     rank_pattern: dict[str, int] = field(
         default_factory=dict,
         metadata={"help": "Fixed term counts per module name pattern (skips selection)."},
@@ -176,6 +185,10 @@ class SokaConfig(PeftConfig):
             raise ValueError(f"svd {self.svd!r} is unknown; allowed: {', '.join(SVD_METHODS)}")
         if self.sigma_mode not in SIGMA_MODES:
             raise ValueError(f"sigma_mode {self.sigma_mode!r} is unknown; allowed: {', '.join(SIGMA_MODES)}")
+        if self.forward_mode not in FORWARD_MODES:
+            raise ValueError(
+                f"forward_mode {self.forward_mode!r} is unknown; allowed: {', '.join(FORWARD_MODES)}"
+            )
         for name in ("svd_niter", "svd_oversample", "seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

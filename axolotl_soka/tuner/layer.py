@@ -2,9 +2,11 @@
 
 Per adapter: ``soka_A: (r, m, n)``, ``soka_B: (r, p, q)`` and, with ``sigma_mode="separate"``, ``soka_s: (r,)``.
 The update is ``ΔW = alpha · Σ_k s_k A_k ⊗ B_k`` (``s ≡ 1`` in ``sqrt`` mode), applied in the forward pass as two
-matrix products without forming ``ΔW``. With ``init="kpsvd"`` the initial factors are kept as persistent
-buffers ``soka_A0`` (σ folded in) and ``soka_B0`` and the frozen base weight holds the residual
-``W − alpha · Σ A0_k ⊗ B0_k``; loading an adapter re-residualises the base from the stored buffers (no SVD).
+matrix products without forming ``ΔW`` (``forward_mode="factored"``), or, with ``forward_mode="dense"`` on
+calls with enough tokens, as one GEMM on ``W + ΔW`` formed transiently (``axolotl_soka.kron.dense_forward``).
+With ``init="kpsvd"`` the initial factors are kept as persistent buffers ``soka_A0`` (σ folded in) and
+``soka_B0`` and the frozen base weight holds the residual ``W − alpha · Σ A0_k ⊗ B0_k``; loading an adapter
+re-residualises the base from the stored buffers (no SVD).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from ..kron.apply import kron_apply, kron_delta
+from ..kron.dense_forward import dense_forward_pays, kron_linear
 from ..kron.kpsvd import KPSVDResult
 from ..kron.shapes import KronShape
 from .distributed import gathered
@@ -43,7 +46,8 @@ class SokaLayer(BaseTunerLayer):
 
     adapter_layer_names = ("soka_A", "soka_B", "soka_s")
     other_param_names = (
-        "soka_A0", "soka_B0", "soka_dropout", "r", "kshape", "scaling", "sigma_mode", "chunk_tokens"
+        "soka_A0", "soka_B0", "soka_dropout", "r", "kshape", "scaling", "sigma_mode", "chunk_tokens",
+        "forward_mode",
     )  # fmt: skip
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
@@ -59,6 +63,7 @@ class SokaLayer(BaseTunerLayer):
         self.scaling: dict[str, float] = {}
         self.sigma_mode: dict[str, str] = {}
         self.chunk_tokens: dict[str, int | None] = {}  # tokens per chunk of the product (None: by device)
+        self.forward_mode: dict[str, str] = {}  # "factored" or "dense" (see SokaLinear.forward)
         # adapter -> whether alpha·Σ A0⊗B0 is currently subtracted from the base weight (kpsvd adapters only)
         self.soka_residual: dict[str, bool] = {}
         self._soka_incoming: set[str] = set()
@@ -81,6 +86,7 @@ class SokaLayer(BaseTunerLayer):
         alpha: float,
         dropout: float,
         chunk_tokens: int | None = None,
+        forward_mode: str = "factored",
         factors: KPSVDResult | None = None,
         seed: int = 0,
     ) -> None:
@@ -100,6 +106,7 @@ class SokaLayer(BaseTunerLayer):
         self.sigma_mode[adapter_name] = sigma_mode
         self.soka_dropout[adapter_name] = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
         self.chunk_tokens[adapter_name] = chunk_tokens
+        self.forward_mode[adapter_name] = forward_mode
 
         sigma: torch.Tensor | None = None
         if init == "kpsvd" and factors is not None:
@@ -263,6 +270,12 @@ class SokaLinear(nn.Module, SokaLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
+        dense = None if args or kwargs else self._dense_adapter(x)
+        if dense is not None:  # one GEMM on W + ΔW instead of the base GEMM plus the factored product
+            a, b = self.effective_factors(dense)
+            base = self.get_base_layer()
+            a = a * self.scaling[dense]
+            return kron_linear(x, base.weight, base.bias, a, b, chunk_tokens=self.chunk_tokens.get(dense))
         result = self.base_layer(x, *args, **kwargs)
         out_dtype = result.dtype
         for adapter in self.active_adapters:
@@ -279,6 +292,42 @@ class SokaLinear(nn.Module, SokaLayer):
             else:
                 result = result + kron_apply(h, a, b, chunk_tokens=chunk).to(out_dtype)
         return result
+
+    def _dense_adapter(self, x: torch.Tensor) -> str | None:
+        """The adapter to run through the dense forward (:func:`~axolotl_soka.kron.kron_linear`), or ``None``
+        for the factored one. Dense needs ``forward_mode="dense"`` on the single active adapter; a plain
+        ``nn.Linear`` base without any hooks (so skipping its forward skips nothing: not under DeepSpeed ZeRO-3,
+        whose hooks fetch the weight), with a frozen weight and bias; no active dropout (the base and the
+        adapter must see the same input); an input of the weight's dtype (or autocast); and enough tokens that
+        it is the cheaper order (:func:`~axolotl_soka.kron.dense_forward_pays`)."""
+        adapters = [name for name in self.active_adapters if name in self.soka_A]
+        if len(adapters) != 1 or self.forward_mode.get(adapters[0]) != "dense":
+            return None
+        adapter = adapters[0]
+        base = self.get_base_layer()
+        dropout = self.soka_dropout[adapter]
+        hooks = nn.modules.module
+        if (
+            type(base) is not nn.Linear
+            or base._forward_hooks
+            or base._forward_pre_hooks
+            or base._backward_hooks
+            or base._backward_pre_hooks
+            or hooks._global_forward_hooks
+            or hooks._global_forward_pre_hooks
+            or hooks._global_backward_hooks
+            or hooks._global_backward_pre_hooks
+            or base.weight.requires_grad
+            or (base.bias is not None and base.bias.requires_grad)
+            or (isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0)
+            or not x.is_floating_point()
+            or (x.dtype != base.weight.dtype and not torch.is_autocast_enabled(x.device.type))
+        ):
+            return None
+        shape = self.kshape[adapter]
+        tokens = x.numel() // max(1, self.in_features)
+        pays = dense_forward_pays(tokens, self.r[adapter], shape.m, shape.n, shape.p, shape.q)
+        return adapter if pays else None
 
     def _adds_in_place(self, result: torch.Tensor, compute_dtype: torch.dtype) -> bool:
         """Whether the adapter's product can be added into the base output in place (no output-sized

@@ -97,6 +97,7 @@ class SokaModel(BaseTuner):
             alpha=peft_config.alpha,
             dropout=peft_config.dropout,
             chunk_tokens=peft_config.chunk_tokens,
+            forward_mode=peft_config.forward_mode,
             factors=factors,
             seed=peft_config.seed ^ zlib.crc32(current_key.encode()),
         )

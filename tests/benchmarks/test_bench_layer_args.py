@@ -33,3 +33,22 @@ def test_layers_parse_in_order() -> None:
     finally:
         sys.path.pop(0)
     assert parse_layers("576x576, 1536x576") == [(576, 576), (1536, 576)]
+
+
+def test_layer_rows_on_a_small_layer() -> None:
+    """Every row runs; the dense-forward row has the factored row's parameters and FLOPs, and neither keeps
+    activations besides the input."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from bench_layer import bench_layers
+    finally:
+        sys.path.pop(0)
+    rows = {r["method"]: r for r in bench_layers(64, torch.float32, torch.device("cpu"), 1, [(96, 64)], 2)}
+    factored = next(r for name, r in rows.items() if name.startswith("SoKA") and name.endswith("]"))
+    dense = rows[f"{factored['method']}, dense forward"]
+    assert dense["trainable"] == factored["trainable"] > 0
+    assert dense["extra_flops"] == factored["extra_flops"] > 0
+    assert dense["saved_mib"] < 0.01 and factored["saved_mib"] < 0.01
+    assert rows["frozen base"]["extra_time"] == 0.0

@@ -40,3 +40,14 @@ def test_an_unknown_method_is_named_with_the_allowed_ones() -> None:
     assert proc.returncode == 2
     assert "--methods: unknown dora; allowed: lora, pissa, soka" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_dense_adds_a_dense_forward_run_of_each_soka_method(tmp_path: Path) -> None:
+    model_dir = build_tiny_model(tmp_path / "model", hidden_size=64, intermediate_size=128)
+    cmd = [sys.executable, SCRIPT, "--model", str(model_dir), "--methods", "soka", "--ranks", "2", "--dense"]
+    proc = subprocess.run([*cmd, "--rounds", "2"], env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if re.match(r"\| (lora|soka)[+a-z]*-r\d ", line)]
+    assert [row.split(" | ")[0] for row in rows] == ["| lora-r2", "| soka-r2", "| soka+dense-r2"]
+    trainable = [row.split(" | ")[1] for row in rows]
+    assert trainable[1] == trainable[2]

@@ -184,3 +184,108 @@ def test_chunk_tokens_reaches_the_product_and_is_saved(monkeypatch, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), out, rtol=1e-5, atol=1e-6)
     assert chunks == [2, 2]
+
+
+# ---------------------------------------------------------------------------------------------- dense forward
+def dense_model(bias: bool, sigma_mode: str = "separate", dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(0)
+    config = SokaConfig(
+        target_modules=["proj"],
+        rank_pattern={"proj": 3},
+        alpha=0.7,
+        sigma_mode=sigma_mode,
+        dropout=dropout,
+        forward_mode="dense",
+    )
+    model = get_peft_model(OneLinear(bias), config).double()
+    with torch.no_grad():
+        for param in model.base_model.model.proj.parameters():
+            if param.requires_grad:
+                param.add_(0.1 * torch.randn_like(param))
+    return model
+
+
+@pytest.fixture
+def dense_calls(monkeypatch):
+    """Counts the layer's calls of ``kron_linear`` (the dense forward)."""
+    calls: list[int] = []
+    original = layer_module.kron_linear
+
+    def recording(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(layer_module, "kron_linear", recording)
+    return calls
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("sigma_mode", ["separate", "sqrt"])
+def test_dense_forward_gives_the_factored_values_and_gradients(paths, dense_calls, bias, sigma_mode):
+    dense = dense_model(bias, sigma_mode)
+    factored = soka_model(bias, sigma_mode)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 64, IN_FEATURES, generator=g, dtype=torch.float64)  # 256 tokens: dense pays
+    up = torch.randn(4, 64, OUT_FEATURES, generator=g, dtype=torch.float64)
+    got = run(dense, x, up)
+    assert dense_calls == [1] and paths == []
+    want = run(factored, x, up)
+    assert dense_calls == [1] and len(paths) == 1
+    torch.testing.assert_close(got[0], dense_reference(dense, x), rtol=0, atol=1e-12)
+    assert len(got) == len(want) == (5 if sigma_mode == "separate" else 4)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_dense_forward_falls_back_to_the_factored_product(paths, dense_calls):
+    """Too few tokens for it to pay, a hook on the base, active dropout, or a disabled mode: factored."""
+    model = dense_model(bias=False)
+    layer = model.base_model.model.proj
+    shape = layer.kshape["default"]
+    assert not layer_module.dense_forward_pays(1, 3, shape.m, shape.n, shape.p, shape.q)
+    assert layer_module.dense_forward_pays(256, 3, shape.m, shape.n, shape.p, shape.q)
+    with torch.no_grad():
+        one = torch.randn(1, IN_FEATURES, dtype=torch.float64)
+        torch.testing.assert_close(model(one), dense_reference(model, one), rtol=0, atol=1e-12)
+        assert dense_calls == [] and len(paths) == 1
+        x = torch.randn(256, IN_FEATURES, dtype=torch.float64)
+        model(x)
+        assert dense_calls == [1]
+        handle = layer.get_base_layer().register_forward_pre_hook(lambda module, args: None)
+        torch.testing.assert_close(model(x), dense_reference(model, x), rtol=0, atol=1e-12)
+        assert dense_calls == [1] and len(paths) == 2
+        handle.remove()
+        handle = layer.get_base_layer().register_full_backward_hook(lambda module, gin, gout: None)
+        model(x)
+        assert dense_calls == [1] and len(paths) == 3  # skipping the base's forward would skip its hook
+        handle.remove()
+        layer.forward_mode["default"] = "factored"
+        model(x)
+        assert dense_calls == [1] and len(paths) == 4
+
+    with_dropout = dense_model(bias=False, dropout=0.5)
+    x = torch.randn(256, IN_FEATURES, dtype=torch.float64)
+    with_dropout.train()
+    with_dropout(x)
+    assert dense_calls == [1] and len(paths) == 5  # the adapter sees dropout(x), the base x: not one GEMM
+    with_dropout.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(with_dropout(x), dense_reference(with_dropout, x), rtol=0, atol=1e-12)
+    assert dense_calls == [1, 1]
+
+
+def test_forward_mode_is_saved_and_loaded(tmp_path, dense_calls):
+    torch.manual_seed(0)
+    config = SokaConfig(target_modules=["proj"], rank_pattern={"proj": 3}, forward_mode="dense")
+    model = get_peft_model(OneLinear(bias=True), config)
+    x = torch.randn(4, 64, IN_FEATURES)
+    with torch.no_grad():
+        out = model(x)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["forward_mode"] == "dense"
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(OneLinear(bias=True), tmp_path)
+    assert loaded.base_model.model.proj.forward_mode == {"default": "dense"}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), out, rtol=1e-5, atol=1e-6)
+    assert dense_calls == [1, 1]

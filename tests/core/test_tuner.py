@@ -572,6 +572,7 @@ BAD_INPUTS = {
     "alpha_zero": ({"alpha": 0.0}, ["alpha", "non-zero"], None),
     "dropout": ({"dropout": 1.0}, ["dropout", "[0, 1)"], None),
     "chunk_tokens": ({"chunk_tokens": 0}, ["chunk_tokens", "positive integer or None", "got 0"], None),
+    "forward_mode": ({"forward_mode": "merged"}, ["forward_mode", "'merged'", "factored, dense"], None),
     "search_window": ({"search_window": 2}, ["search_window", "at least 3"], None),
     "no_match": (
         {"target_modules": ["nonexistent_proj"]},

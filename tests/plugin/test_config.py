@@ -58,6 +58,7 @@ BAD_VALUES = [
     ({"soka_factor_shape": [2, 2]}, ["soka_factor_shape", "[2, 2]", "four positive integers"]),
     ({"soka_dropout": 1.0}, ["soka_dropout", "1.0", "[0, 1)"]),
     ({"soka_chunk_tokens": 0}, ["soka_chunk_tokens", "positive integer", "got 0"]),
+    ({"soka_forward_mode": "fast"}, ["soka_forward_mode", "'fast'", "factored, dense"]),
     ({"soka_rank_pattern": {"q_proj": -1}}, ["soka_rank_pattern", "q_proj", "non-negative integer"]),
     ({"soka_shape_pattern": {"q_proj": "wide"}}, ["soka_shape_pattern", "'wide'", "balanced, lora"]),
     ({"soka_target_modules": []}, ["soka_target_modules", "[]", "non-empty list"]),
@@ -125,6 +126,13 @@ def test_target_modules_default_to_lora_target_modules(make_config, no_model_loa
     cfg = load(make_config())
     config = soka_config_from_cfg(cfg)
     assert config.target_modules is None and config.max_rank == 4 and config.svd == "full"
+
+
+def test_forward_mode_reaches_the_soka_config(make_config, no_model_load):
+    from axolotl_soka.plugin.plugin import soka_config_from_cfg
+
+    assert soka_config_from_cfg(load(make_config())).forward_mode == "factored"
+    assert soka_config_from_cfg(load(make_config(soka_forward_mode="dense"))).forward_mode == "dense"
 
 
 def test_eval_task_is_rejected_on_sharded_runs(make_config, no_model_load):
