@@ -23,9 +23,11 @@ class OneLinear(nn.Module):
         return self.proj(x)
 
 
-def soka_model(bias: bool, sigma_mode: str = "separate") -> nn.Module:
+def soka_model(bias: bool, sigma_mode: str = "separate", **config: object) -> nn.Module:
     torch.manual_seed(0)
-    config = SokaConfig(target_modules=["proj"], rank_pattern={"proj": 3}, alpha=0.7, sigma_mode=sigma_mode)
+    config = SokaConfig(
+        target_modules=["proj"], rank_pattern={"proj": 3}, alpha=0.7, sigma_mode=sigma_mode, **config
+    )
     model = get_peft_model(OneLinear(bias), config).double()
     layer = model.base_model.model.proj
     with torch.no_grad():  # move the factors off their initial values so that every gradient is non-trivial
@@ -188,21 +190,7 @@ def test_chunk_tokens_reaches_the_product_and_is_saved(monkeypatch, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- dense forward
 def dense_model(bias: bool, sigma_mode: str = "separate", dropout: float = 0.0) -> nn.Module:
-    torch.manual_seed(0)
-    config = SokaConfig(
-        target_modules=["proj"],
-        rank_pattern={"proj": 3},
-        alpha=0.7,
-        sigma_mode=sigma_mode,
-        dropout=dropout,
-        forward_mode="dense",
-    )
-    model = get_peft_model(OneLinear(bias), config).double()
-    with torch.no_grad():
-        for param in model.base_model.model.proj.parameters():
-            if param.requires_grad:
-                param.add_(0.1 * torch.randn_like(param))
-    return model
+    return soka_model(bias, sigma_mode, dropout=dropout, forward_mode="dense")
 
 
 @pytest.fixture
