@@ -100,7 +100,10 @@ class _Workspace(threading.local):
             return None
         key = (shape, dtype)
         if key not in self.tensors:
-            self.tensors[key] = torch.empty(shape, dtype=dtype)
+            # a normal tensor even when first made under torch.inference_mode(): an inference tensor could not
+            # be written into by a later call with autograd on
+            with torch.inference_mode(False):
+                self.tensors[key] = torch.empty(shape, dtype=dtype)
         return self.tensors[key]
 
 

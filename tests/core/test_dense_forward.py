@@ -156,3 +156,16 @@ def test_layers_of_one_shape_share_the_cpu_workspace_without_mixing_up_their_wei
     first = dense_module._transient_weight(w1, A1.detach(), B1.detach(), torch.float64)
     second = dense_module._transient_weight(w2, A2.detach(), B2.detach(), torch.float64)
     assert first.data_ptr() == second.data_ptr()  # one tensor per shape and dtype
+
+
+def test_a_first_call_under_inference_mode_does_not_break_later_training_calls():
+    """The reused CPU buffer is a normal tensor even when an inference-mode call made it."""
+    weight, bias, A, B = factors(5, 2, 3, 4, 2, seed=3)  # a shape no other test uses
+    x = torch.randn(7, 8, dtype=torch.float64, requires_grad=True)
+    with torch.inference_mode():
+        first = kron_linear(x.detach(), weight, bias, A.detach(), B.detach())
+    out = kron_linear(x, weight, bias, A, B)
+    torch.testing.assert_close(out.detach(), first, rtol=0, atol=0)
+    (dA,) = torch.autograd.grad(out.sum(), (A,))
+    want = torch.autograd.grad((F.linear(x, weight, bias) + kron_apply(x, A, B)).sum(), (A,))[0]
+    torch.testing.assert_close(dA, want, rtol=0, atol=1e-12)
