@@ -296,8 +296,9 @@ class SokaLinear(nn.Module, SokaLayer):
     def _dense_adapter(self, x: torch.Tensor) -> str | None:
         """The adapter to run through the dense forward (:func:`~axolotl_soka.kron.kron_linear`), or ``None``
         for the factored one. Dense needs ``forward_mode="dense"`` on the single active adapter; a plain
-        ``nn.Linear`` base without any hooks (so skipping its forward skips nothing: not under DeepSpeed ZeRO-3,
-        whose hooks fetch the weight), with a frozen weight and bias; no active dropout (the base and the
+        ``nn.Linear`` base without any hooks or replaced ``forward`` (so skipping its forward skips nothing: not
+        under DeepSpeed ZeRO-3 or accelerate's offloading, whose hooks fetch the weight), with a frozen weight and
+        bias; no active dropout (the base and the
         adapter must see the same input); an input of the weight's dtype (or autocast); and enough tokens that
         it is the cheaper order (:func:`~axolotl_soka.kron.dense_forward_pays`)."""
         adapters = [name for name in self.active_adapters if name in self.soka_A]
@@ -309,6 +310,7 @@ class SokaLinear(nn.Module, SokaLayer):
         hooks = nn.modules.module
         if (
             type(base) is not nn.Linear
+            or "forward" in base.__dict__  # a per-instance forward, e.g. accelerate's device-map offload hook
             or base._forward_hooks
             or base._forward_pre_hooks
             or base._backward_hooks

@@ -226,7 +226,8 @@ def test_dense_forward_gives_the_factored_values_and_gradients(paths, dense_call
 
 
 def test_dense_forward_falls_back_to_the_factored_product(paths, dense_calls):
-    """Too few tokens for it to pay, a hook on the base, active dropout, or a disabled mode: factored."""
+    """Too few tokens for it to pay, a hook or a replaced forward on the base, active dropout, or the mode
+    switched off: factored."""
     model = dense_model(bias=False)
     layer = model.base_model.model.proj
     shape = layer.kshape["default"]
@@ -247,15 +248,22 @@ def test_dense_forward_falls_back_to_the_factored_product(paths, dense_calls):
         model(x)
         assert dense_calls == [1] and len(paths) == 3  # skipping the base's forward would skip its hook
         handle.remove()
+        base = layer.get_base_layer()
+        base.forward = lambda inp: nn.Linear.forward(
+            base, inp
+        )  # as accelerate's hooks replace it per instance
+        torch.testing.assert_close(model(x), dense_reference(model, x), rtol=0, atol=1e-12)
+        assert dense_calls == [1] and len(paths) == 4
+        del base.forward
         layer.forward_mode["default"] = "factored"
         model(x)
-        assert dense_calls == [1] and len(paths) == 4
+        assert dense_calls == [1] and len(paths) == 5
 
     with_dropout = dense_model(bias=False, dropout=0.5)
     x = torch.randn(256, IN_FEATURES, dtype=torch.float64)
     with_dropout.train()
     with_dropout(x)
-    assert dense_calls == [1] and len(paths) == 5  # the adapter sees dropout(x), the base x: not one GEMM
+    assert dense_calls == [1] and len(paths) == 6  # the adapter sees dropout(x), the base x: not one GEMM
     with_dropout.eval()
     with torch.no_grad():
         torch.testing.assert_close(with_dropout(x), dense_reference(with_dropout, x), rtol=0, atol=1e-12)
