@@ -20,6 +20,23 @@ def contraction_costs(m: int, n: int, p: int, q: int) -> tuple[int, int]:
     return n * p * (q + m), m * q * (n + p)
 
 
+def contraction_plan(
+    A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype, device: torch.device, chunk_tokens: int | None
+) -> tuple[bool, int]:
+    """``(transpose, chunk)`` for ``A: (r, m, n)``, ``B: (r, p, q)``: whether the A-first order is the cheaper
+    one (the autograd function then takes the factors swapped), and the tokens per chunk: ``chunk_tokens``,
+    or by device for the order's intermediate (``r·m·q`` or ``r·n·p`` values per token) when ``None``."""
+    r, m, n = A.shape
+    _, p, q = B.shape
+    b_first, a_first = contraction_costs(m, n, p, q)
+    transpose = a_first < b_first
+    if chunk_tokens is None:
+        chunk_tokens = chunk_tokens_for(r * (m * q if transpose else n * p), dtype, device)
+    elif chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be a positive number of tokens (or None), got {chunk_tokens}")
+    return transpose, chunk_tokens
+
+
 def kron_apply(
     x: torch.Tensor,
     A: torch.Tensor,
@@ -48,12 +65,7 @@ def kron_apply(
         dtype = torch.get_autocast_dtype(device_type)
         x, A, B = x.to(dtype), A.to(dtype), B.to(dtype)
     tokens = x.reshape(-1, n, q)  # (N, n, q)
-    b_first, a_first = contraction_costs(m, n, p, q)
-    transpose = a_first < b_first
-    if chunk_tokens is None:
-        chunk_tokens = chunk_tokens_for(r * (m * q if transpose else n * p), x.dtype, x.device)
-    elif chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be a positive number of tokens (or None), got {chunk_tokens}")
+    transpose, chunk_tokens = contraction_plan(A, B, x.dtype, x.device, chunk_tokens)
     if add_to is not None:
         _check_add_to(add_to, lead, m * p, x.dtype)
     left, right = (B, A) if transpose else (A, B)

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from .apply import contraction_costs
-from .apply_autograd import chunk_tokens_for, kron_backward
+from .apply import contraction_costs, contraction_plan
+from .apply_autograd import kron_backward
 
 #: what forming one element of ``W + ΔW`` costs, in multiply-adds of the factored products: measured 1.0–1.2 ns
 #: per element on a 2-core CPU (into the reused buffer: a batched product of inner dimension r, a permuted add),
@@ -150,9 +150,7 @@ class DenseKronLinear(torch.autograd.Function):
         if need_x:
             dx = dy.to(x.dtype).mm(_transient_weight(weight, A, B, x.dtype))
         if need_a or need_b:
-            r, m, n = A.shape
-            _, p, q = B.shape
-            tokens = x.reshape(-1, n, q)
+            tokens = x.reshape(-1, A.shape[2], B.shape[2])  # (N, n, q)
             left, right = (B, A) if ctx.transpose else (A, B)
             need_l, need_r = (need_b, need_a) if ctx.transpose else (need_a, need_b)
             _, d_left, d_right = kron_backward(
@@ -185,7 +183,7 @@ def kron_linear(
     weight (see the module docstring). ``W`` and ``b`` get no gradient; ``x``, ``A`` and ``B`` do, as through
     ``F.linear(x, W) + kron_apply(x, A, B)``. ``chunk_tokens`` is the factor gradients' chunk (default: by
     device). Under ``torch.autocast`` the product runs in the autocast dtype, like ``F.linear`` would."""
-    r, m, n = A.shape
+    _, m, n = A.shape
     _, p, q = B.shape
     if weight.shape != (m * p, n * q):
         raise ValueError(
@@ -201,12 +199,7 @@ def kron_linear(
     dtype = x.dtype
     if x.is_floating_point() and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
-    b_first, a_first = contraction_costs(m, n, p, q)
-    transpose = a_first < b_first
-    if chunk_tokens is None:
-        chunk_tokens = chunk_tokens_for(r * (m * q if transpose else n * p), dtype, x.device)
-    elif chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be a positive number of tokens (or None), got {chunk_tokens}")
+    transpose, chunk_tokens = contraction_plan(A, B, dtype, x.device, chunk_tokens)
     tokens = x.reshape(-1, n * q).to(dtype)
     with torch.autocast(device_type, enabled=False):
         y = DenseKronLinear.apply(tokens, weight, bias, A, B, transpose, chunk_tokens)

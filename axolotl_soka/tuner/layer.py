@@ -296,11 +296,11 @@ class SokaLinear(nn.Module, SokaLayer):
     def _dense_adapter(self, x: torch.Tensor) -> str | None:
         """The adapter to run through the dense forward (:func:`~axolotl_soka.kron.kron_linear`), or ``None``
         for the factored one. Dense needs ``forward_mode="dense"`` on the single active adapter; a plain
-        ``nn.Linear`` base without any hooks or replaced ``forward`` (so skipping its forward skips nothing: not
-        under DeepSpeed ZeRO-3 or accelerate's offloading, whose hooks fetch the weight), with a frozen weight and
-        bias; no active dropout (the base and the
-        adapter must see the same input); an input of the weight's dtype (or autocast); and enough tokens that
-        it is the cheaper order (:func:`~axolotl_soka.kron.dense_forward_pays`)."""
+        ``nn.Linear`` base without any hooks or replaced ``forward`` (so skipping its forward skips nothing:
+        not under DeepSpeed ZeRO-3 or accelerate's offloading, whose hooks fetch the weight), with a frozen
+        weight and bias; no active dropout (the base and the adapter must see the same input); an input of the
+        weight's dtype (or autocast); and enough tokens that it is the cheaper order
+        (:func:`~axolotl_soka.kron.dense_forward_pays`)."""
         adapters = [name for name in self.active_adapters if name in self.soka_A]
         if len(adapters) != 1 or self.forward_mode.get(adapters[0]) != "dense":
             return None
