@@ -33,9 +33,11 @@ from torch.autograd.function import once_differentiable
 from .apply import contraction_costs, contraction_plan
 from .apply_autograd import kron_backward
 
-#: what forming one element of ``W + ΔW`` costs, in multiply-adds of the factored products: measured 1.0–1.2 ns
-#: per element on a 2-core CPU (into the reused buffer: a batched product of inner dimension r, a permuted add),
-#: where the factored products ran at 25–65 GMAC/s, i.e. 25–78 multiply-adds; charged with a margin of 1.6–5×
+#: what forming one element of ``W + ΔW`` is charged, in multiply-adds of the factored products. Measured on a
+#: 2-core CPU (``benchmarks/bench_dense_weight.py``): 0.7–1.0 ns per element into the reused buffer, where the
+#: factored forward ran at 21–46 GMAC/s, i.e. 14–47 multiply-adds. The margin is deliberate: the first rule,
+#: charging ``r + 2``, sent SmolLM2's one-term modules to the dense forward, and the whole step got slower
+#: (``benchmarks/bench_step.py --dense``); the backward's rebuild and the calls' overheads are not in this count
 FORM_COST_PER_ELEMENT = 128
 #: bytes of one block of the weight construction on a CPU: a block's ``(rows, n, p·q)`` delta is built by one
 #: batched product and added, permuted, into the output while it is still in cache
@@ -88,7 +90,8 @@ class _Workspace(threading.local):
     """One reusable ``W + ΔW`` tensor per shape and dtype, per thread, for CPU tensors.
 
     A fresh weight-sized CPU tensor comes from new pages each call, and touching them first cost two thirds of
-    building ``W + ΔW``: 51 ms fresh against 17 ms reused for 4096² in fp32, 148 against 54 ms for 11008×4096.
+    building ``W + ΔW``: 56 ms fresh against 17 ms reused for 4096² in fp32, 146 against 41 ms for 11008×4096
+    (``benchmarks/bench_dense_weight.py``).
     The tensor is only read by the one GEMM that follows its construction, so layers of the same shape can share
     it. CUDA's caching allocator already reuses memory, so GPUs take fresh tensors."""
 
