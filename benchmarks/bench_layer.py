@@ -12,6 +12,7 @@ KPSVD initialisation of one matrix, full vs lowrank. Prints markdown tables.
 
     python benchmarks/bench_layer.py                       # fp32 on CPU
     python benchmarks/bench_layer.py --device cuda --dtype bf16
+    python benchmarks/bench_layer.py --only layers --bias      # biased layers on 3-d input
 
 FLOP model (multiply-adds per token): base ``out·in`` forward and ``out·in`` backward (input grad only; the
 base is frozen). SoKA term, cheaper contraction order: ``c = min(n·p·(q+m), m·q·(n+p))`` forward and
@@ -45,11 +46,11 @@ LORA_RANK = 8
 
 
 class OneLinear(nn.Module):
-    """A model holding one bias-free linear layer named ``proj``."""
+    """A model holding one linear layer named ``proj`` (bias-free unless ``bias``)."""
 
-    def __init__(self, out_features: int, in_features: int) -> None:
+    def __init__(self, out_features: int, in_features: int, bias: bool = False) -> None:
         super().__init__()
-        self.proj = nn.Linear(in_features, out_features, bias=False)
+        self.proj = nn.Linear(in_features, out_features, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x)
@@ -157,11 +158,15 @@ def bench_layers(
     repeats: int,
     layers: list[tuple[int, int]] = LAYERS,
     lora_rank: int = LORA_RANK,
+    bias: bool = False,
 ) -> list[dict]:
+    """Rows of the layer table. With ``bias`` the layers have a bias (as Qwen2's q/k/v projections) and the
+    input is ``(2, tokens / 2, in)``, the 3-d call a model makes: ``nn.Linear`` then returns a view of its
+    output, which SoKA avoids by running the layer on the flattened input."""
     rows = []
     for out_f, in_f in layers:
         torch.manual_seed(0)
-        base = OneLinear(out_f, in_f).to(device, dtype)
+        base = OneLinear(out_f, in_f, bias).to(device, dtype)
         base.requires_grad_(False)
         shape = balanced_shape(out_f, in_f)
         lora_params = lora_rank * (in_f + out_f)
@@ -169,7 +174,7 @@ def bench_layers(
         cost = min(contraction_costs(shape.m, shape.n, shape.p, shape.q))
         base_macs = 2 * out_f * in_f
         soka = get_peft_model(
-            OneLinear(out_f, in_f).to(device, dtype),
+            OneLinear(out_f, in_f, bias).to(device, dtype),
             SokaConfig(target_modules=["proj"], rank_pattern={"proj": soka_rank}),
         )
         soka_layer = soka.base_model.model.proj
@@ -179,14 +184,15 @@ def bench_layers(
             "frozen base": (base, 0),
             f"LoRA r={lora_rank}": (
                 get_peft_model(
-                    OneLinear(out_f, in_f).to(device, dtype), LoraConfig(r=lora_rank, target_modules=["proj"])
+                    OneLinear(out_f, in_f, bias).to(device, dtype),
+                    LoraConfig(r=lora_rank, target_modules=["proj"]),
                 ),
                 3 * lora_rank * (in_f + out_f),
             ),
             soka_name: (soka, 3 * soka_rank * cost),
             f"{soka_name}, dense forward": (
                 get_peft_model(
-                    OneLinear(out_f, in_f).to(device, dtype),
+                    OneLinear(out_f, in_f, bias).to(device, dtype),
                     SokaConfig(
                         target_modules=["proj"], rank_pattern={"proj": soka_rank}, forward_mode="dense"
                     ),
@@ -199,7 +205,7 @@ def bench_layers(
             ),
             f"SoKA r={lora_rank} LoRA-like {lora_shape(out_f, in_f).as_list()}": (
                 get_peft_model(
-                    OneLinear(out_f, in_f).to(device, dtype),
+                    OneLinear(out_f, in_f, bias).to(device, dtype),
                     SokaConfig(
                         target_modules=["proj"], factor_shape="lora", rank_pattern={"proj": lora_rank}
                     ),
@@ -207,8 +213,9 @@ def bench_layers(
                 3 * lora_rank * (in_f + out_f),
             ),
         }
-        x = torch.randn(tokens, in_f, device=device, dtype=dtype, requires_grad=True)
-        grad = torch.randn(tokens, out_f, device=device, dtype=dtype)
+        lead = (2, tokens // 2) if bias else (tokens,)
+        x = torch.randn(*lead, in_f, device=device, dtype=dtype, requires_grad=True)
+        grad = torch.randn(*lead, out_f, device=device, dtype=dtype)
         timings = time_models({name: model for name, (model, _) in models.items()}, x, grad, repeats)
         base_rounds = timings["frozen base"][0]
         for name, (model, extra_macs) in models.items():
@@ -291,6 +298,9 @@ def main() -> None:
     parser.add_argument(
         "--lora-rank", type=int, default=LORA_RANK, help="LoRA rank that sets the parameter count"
     )
+    parser.add_argument(
+        "--bias", action="store_true", help="biased layers on a (2, tokens/2, in) input (as Qwen2's q/k/v)"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     print(
@@ -303,13 +313,22 @@ def main() -> None:
 
 
 def print_layers(args: argparse.Namespace, device: torch.device) -> None:
-    print(f"\n### Forward+backward, {args.tokens} tokens, {args.dtype}, {args.repeats} interleaved rounds\n")
+    biased = ", biased layers on (2, tokens/2, in) input" if args.bias else ""
+    print(
+        f"\n### Forward+backward, {args.tokens} tokens, {args.dtype}, {args.repeats} interleaved rounds{biased}\n"
+    )
     print(
         "| layer | method | trainable | ms | extra time vs base | range over rounds | extra FLOPs vs base | time/FLOP share | saved activations MiB (besides x) | CUDA peak MiB |"
     )
     print("|---|---|---:|---:|---:|---|---:|---:|---:|---:|")
     for r in bench_layers(
-        args.tokens, DTYPES[args.dtype], device, args.repeats, parse_layers(args.layers), args.lora_rank
+        args.tokens,
+        DTYPES[args.dtype],
+        device,
+        args.repeats,
+        parse_layers(args.layers),
+        args.lora_rank,
+        args.bias,
     ):
         # no ratio for the base itself, nor where the median round was not slower than the base (noise)
         ratio = "–" if math.isnan(r["ratio"]) or r["extra_time"] <= 0 else f"{r['ratio']:.2f}"

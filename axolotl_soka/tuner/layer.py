@@ -28,17 +28,30 @@ from ..kron.shapes import KronShape
 from .distributed import gathered
 
 
-def _keeps_no_output(hook: Any) -> bool:
-    """Whether a forward hook is known not to keep the module's output: DeepSpeed ZeRO-3's module hooks
-    (``deepspeed.runtime.zero.parameter_offload``) fetch and release the weight and wrap the output in a
-    pass-through autograd function for the backward's fetch; they keep no reference to it. Some of them come
-    wrapped by DeepSpeed's NVTX decorator, which does not use ``functools.wraps``: the wrapped function is
+def _is_zero3_hook(hook: Any) -> bool:
+    """Whether a module hook is one of DeepSpeed ZeRO-3's (``deepspeed.runtime.zero.parameter_offload``). They
+    fetch and release the weight, and wrap the inputs and the output in pass-through autograd functions for the
+    backward's fetch: they keep no reference to the output and do not depend on the input's shape. Some of them
+    come wrapped by DeepSpeed's NVTX decorator, which does not use ``functools.wraps``: the wrapped function is
     found in its closure."""
     func = inspect.unwrap(hook)
     if getattr(func, "__module__", None) == "deepspeed.utils.nvtx":
         inner = [cell.cell_contents for cell in func.__closure__ or () if callable(cell.cell_contents)]
         func = inner[0] if len(inner) == 1 else func
     return (getattr(func, "__module__", None) or "").startswith("deepspeed.runtime.zero.")
+
+
+def _only_zero3_hooks(module: nn.Module) -> bool:
+    """Whether every forward hook and forward pre-hook on ``module`` is ZeRO-3's (or there are none), and no
+    global forward hook is set: then the module's output is not kept by a hook, and calling it on a reshaped
+    input changes nothing but the output's shape."""
+    hooks = nn.modules.module
+    return (
+        all(_is_zero3_hook(hook) for hook in module._forward_hooks.values())
+        and all(_is_zero3_hook(hook) for hook in module._forward_pre_hooks.values())
+        and not hooks._global_forward_hooks
+        and not hooks._global_forward_pre_hooks
+    )
 
 
 class SokaLayer(BaseTunerLayer):
@@ -276,6 +289,11 @@ class SokaLinear(nn.Module, SokaLayer):
             base = self.get_base_layer()
             a = a * self.scaling[dense]
             return kron_linear(x, base.weight, base.bias, a, b, chunk_tokens=self.chunk_tokens.get(dense))
+        lead = None
+        if self._flattens_input(
+            x, args, kwargs
+        ):  # (..., in) → (N, in): the biased base output is then no view
+            lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
         result = self.base_layer(x, *args, **kwargs)
         out_dtype = result.dtype
         for adapter in self.active_adapters:
@@ -291,7 +309,23 @@ class SokaLinear(nn.Module, SokaLayer):
                 result = kron_apply(h, a, b, chunk_tokens=chunk, add_to=result)
             else:
                 result = result + kron_apply(h, a, b, chunk_tokens=chunk).to(out_dtype)
-        return result
+        return result if lead is None else result.reshape(*lead, result.shape[-1])
+
+    def _flattens_input(self, x: torch.Tensor, args: tuple, kwargs: dict) -> bool:
+        """Whether the factored forward runs on ``x`` flattened to ``(N, in)`` and reshapes the output back.
+        ``nn.Linear`` with a bias returns a *view* for input with more than two dimensions (``addmm`` on the
+        flattened input, viewed back), which rules out the in-place sum (:meth:`_adds_in_place`); on 2-d input
+        it returns a fresh tensor. Only for a plain biased ``nn.Linear`` without hooks other than ZeRO-3's
+        (which do not depend on the input's shape), called without extra arguments."""
+        base = self.get_base_layer()
+        return (
+            x.dim() > 2
+            and not args
+            and not kwargs
+            and type(base) is nn.Linear
+            and base.bias is not None
+            and _only_zero3_hooks(base)
+        )
 
     def _dense_adapter(self, x: torch.Tensor) -> str | None:
         """The adapter to run through the dense forward (:func:`~axolotl_soka.kron.kron_linear`), or ``None``
@@ -336,18 +370,18 @@ class SokaLinear(nn.Module, SokaLayer):
         temporary, no extra pass over memory): the base is a plain ``nn.Linear`` without forward hooks other
         than DeepSpeed ZeRO-3's (so neither its backward nor a hook keeps the output), and the output is a
         contiguous non-view tensor of the dtype the product runs in (the autocast dtype under autocast). A
-        biased layer on 3-d input returns a view and takes the out-of-place path."""
+        biased layer returns a view on 3-d input, which :meth:`_flattens_input` avoids where it can."""
         base = self.get_base_layer()
         device_type = result.device.type
         if torch.is_autocast_enabled(device_type):
             compute_dtype = torch.get_autocast_dtype(device_type)
         return (
             type(base) is nn.Linear
-            and all(_keeps_no_output(hook) for hook in base._forward_hooks.values())
+            and all(_is_zero3_hook(hook) for hook in base._forward_hooks.values())
             and not nn.modules.module._global_forward_hooks
             and result.dtype == compute_dtype
             and result.is_contiguous()
-            and not result._is_view()
+            and result._base is None
         )
 
     def __repr__(self) -> str:

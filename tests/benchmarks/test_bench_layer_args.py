@@ -52,3 +52,20 @@ def test_layer_rows_on_a_small_layer() -> None:
     assert dense["extra_flops"] == factored["extra_flops"] > 0
     assert dense["saved_mib"] < 0.01 and factored["saved_mib"] < 0.01
     assert rows["frozen base"]["extra_time"] == 0.0
+
+
+def test_biased_layer_rows_take_a_3d_input() -> None:
+    """With ``bias`` every row runs on a ``(2, tokens/2, in)`` input; SoKA's rows (factored and dense) still
+    keep no activations besides the input, as without a bias."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from bench_layer import bench_layers
+    finally:
+        sys.path.pop(0)
+    rows = bench_layers(64, torch.float32, torch.device("cpu"), 1, [(96, 64)], 2, bias=True)
+    assert len(rows) == 6
+    soka = [r for r in rows if r["method"].startswith("SoKA") and "plain autograd" not in r["method"]]
+    assert len(soka) == 3
+    assert all(r["saved_mib"] < 0.01 and r["trainable"] > 0 for r in soka)

@@ -2,6 +2,7 @@
 out of place otherwise, with the same values and gradients either way."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -73,8 +74,8 @@ def dense_reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     ("bias", "lead", "adds_in_place"),
-    [(False, (2, 5), True), (True, (7,), True), (True, (2, 5), False)],
-    ids=["no-bias-3d", "bias-2d", "bias-3d-is-a-view"],
+    [(False, (2, 5), True), (True, (7,), True), (True, (2, 5), True), (True, (2, 3, 5), True)],
+    ids=["no-bias-3d", "bias-2d", "bias-3d-flattened", "bias-4d-flattened"],
 )
 @pytest.mark.parametrize("sigma_mode", ["separate", "sqrt"])
 def test_both_paths_give_the_dense_values_and_the_same_gradients(
@@ -145,20 +146,45 @@ def _nvtx_wrapped(func):
     ],
     ids=["zero3", "zero3-in-nvtx", "other-in-nvtx", "other-deepspeed"],
 )
-def test_deepspeed_zero3_hooks_keep_the_in_place_path(paths, wrap, adds_in_place):
-    """ZeRO-3 hooks every module to fetch and release its weight; they keep no output, so the sum stays in
-    place under ZeRO-3. Any other hook takes the out-of-place path."""
-    model = soka_model(bias=False)
+@pytest.mark.parametrize(("bias", "lead"), [(False, (3,)), (True, (2, 3))], ids=["no-bias-2d", "bias-3d"])
+def test_deepspeed_zero3_hooks_keep_the_in_place_path(paths, wrap, adds_in_place, bias, lead):
+    """ZeRO-3 hooks every module (pre- and post-forward) to fetch and release its weight; they keep no output
+    and do not depend on the input's shape, so the sum stays in place under ZeRO-3, for a biased layer on 3-d
+    input too (run flattened). Any other hook takes the out-of-place path, on the caller's input."""
+    model = soka_model(bias=bias)
     base = model.base_model.model.proj.get_base_layer()
+    seen: list[tuple[int, ...]] = []
+
+    def pre_hook(module, args):
+        seen.append(tuple(args[0].shape))
 
     def hook(module, args, output):
         return None
 
+    base.register_forward_pre_hook(wrap(pre_hook))
     base.register_forward_hook(wrap(hook))
-    x = torch.randn(3, IN_FEATURES, dtype=torch.float64)
+    x = torch.randn(*lead, IN_FEATURES, dtype=torch.float64)
     with torch.no_grad():
         out = model(x)
     assert paths == [adds_in_place]
+    flattened = bias and adds_in_place
+    assert seen == [(math.prod(lead), IN_FEATURES) if flattened else (*lead, IN_FEATURES)]
+    assert out.shape == (*lead, OUT_FEATURES)
+    torch.testing.assert_close(out, dense_reference(model, x), rtol=0, atol=1e-12)
+
+
+def test_a_biased_layer_with_a_user_hook_is_called_on_the_callers_input(paths):
+    """A hook other than ZeRO-3's may depend on the input's shape: the biased layer on 3-d input is then
+    not flattened (and its view output takes the out-of-place sum)."""
+    model = soka_model(bias=True)
+    base = model.base_model.model.proj.get_base_layer()
+    seen: list[tuple[int, ...]] = []
+    base.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    x = torch.randn(2, 5, IN_FEATURES, dtype=torch.float64)
+    with torch.no_grad():
+        out = model(x)
+    assert seen == [(2, 5, IN_FEATURES)]
+    assert paths == [False]
     torch.testing.assert_close(out, dense_reference(model, x), rtol=0, atol=1e-12)
 
 
