@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -52,6 +54,32 @@ def test_layer_rows_on_a_small_layer() -> None:
     assert dense["extra_flops"] == factored["extra_flops"] > 0
     assert dense["saved_mib"] < 0.01 and factored["saved_mib"] < 0.01
     assert rows["frozen base"]["extra_time"] == 0.0
+
+
+def test_best_round_estimate_uses_each_models_fastest_round(monkeypatch) -> None:
+    """The "best" columns divide each model's fastest round by the base's fastest round, whichever rounds
+    those are; the median columns pair rounds."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench_layer
+    finally:
+        sys.path.pop(0)
+    rounds = iter([1.0, 3.0, 2.0] + [2.5, 2.0, 5.0] * 5)  # base rounds, then every other model's
+
+    def fake_time_models(models, x, grad, repeats):
+        assert repeats == 3
+        return {name: ([next(rounds) for _ in range(3)], 0, 0.0) for name in models}
+
+    monkeypatch.setattr(bench_layer, "time_models", fake_time_models)
+    rows = bench_layer.bench_layers(64, torch.float32, torch.device("cpu"), 3, [(96, 64)], 2)
+    base, lora = rows[0], rows[1]
+    assert base["best_ms"] == 1000.0 and base["extra_time_best"] == 0.0
+    assert lora["best_ms"] == 2000.0
+    assert lora["extra_time_best"] == pytest.approx(1.0)  # 2.0 / 1.0 - 1
+    assert lora["extra_time"] == pytest.approx(1.5)  # median of 2.5/1, 2/3, 5/2 minus 1: 1.5
+    assert lora["ratio_best"] == pytest.approx(1.0 / lora["extra_flops"])
 
 
 def test_biased_layer_rows_take_a_3d_input() -> None:
