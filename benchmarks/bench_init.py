@@ -32,7 +32,13 @@ def worker(args: argparse.Namespace) -> None:
 
     ds_config = {
         "train_micro_batch_size_per_gpu": 1,
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "zero_optimization": {
+            "stage": 3,
+            "stage3_param_persistence_threshold": 0,
+            # on gloo DeepSpeed's coalesced gather does not wait for all of its transfers (see
+            # axolotl_soka.tuner.distributed.coalesced_gather_is_safe); transformers' loading uses it
+            "stage3_allgather_sequential": args.backend != "nccl",
+        },
     }
     deepspeed.init_distributed(dist_backend=args.backend)
     if args.backend == "nccl":

@@ -25,6 +25,9 @@ def gathered(params: Sequence[torch.Tensor], modifier_rank: int | None = None) -
     """Inside: the full data of ``params`` (collective under ZeRO-3; a no-op otherwise).
 
     ``modifier_rank=None`` for reading; an integer for writing (that rank's values win on exit).
+
+    Several parameters are gathered in one coalesced call only where that is safe (:func:`coalesced_gather_is_safe`);
+    elsewhere one at a time, each a blocking gather.
     """
     partitioned = [p for p in params if is_partitioned(p)]
     if not partitioned:
@@ -32,8 +35,22 @@ def gathered(params: Sequence[torch.Tensor], modifier_rank: int | None = None) -
         return
     import deepspeed
 
-    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
+    groups = [partitioned] if coalesced_gather_is_safe() else [[p] for p in partitioned]
+    with contextlib.ExitStack() as stack:
+        for group in groups:
+            stack.enter_context(deepspeed.zero.GatheredParameters(group, modifier_rank=modifier_rank))
         yield
+
+
+def coalesced_gather_is_safe() -> bool:
+    """Whether DeepSpeed's coalesced gather of several ZeRO-3 parameters can be used: under NCCL, not under
+    gloo (CPU). DeepSpeed 0.18's ``_allgather_params_coalesced`` launches one asynchronous all-gather per
+    parameter and waits on the last one only, which orders them on a GPU stream but not on gloo's worker
+    threads: the earlier gathers may still be writing into their buffers after the call returns. On a CPU this
+    corrupted weights in about half the runs of a 2-process test (a module with a weight and a bias, gathered
+    together, as transformers' ZeRO-3 loading does); gathered one at a time, or with DeepSpeed's
+    ``stage3_allgather_sequential: true``, never."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_backend() == "nccl"
 
 
 def process_info() -> tuple[int, int]:

@@ -45,7 +45,7 @@ def zero3_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     torch.manual_seed(0)
     config = LlamaConfig(
         hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=100,
+        vocab_size=100, attention_bias=True,  # biased q/k/v/o (as Qwen2's q/k/v): SoKA flattens their input
     )  # fmt: skip
     LlamaForCausalLM(config).save_pretrained(model_dir)
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")

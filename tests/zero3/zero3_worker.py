@@ -30,7 +30,14 @@ from axolotl_soka.tuner.distributed import gathered  # noqa: E402
 DS_CONFIG = {
     "train_micro_batch_size_per_gpu": 1,
     "gradient_accumulation_steps": 1,
-    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    # sequential gathers: on gloo (CPU), DeepSpeed's coalesced gather of several parameters does not wait for
+    # all of its transfers, and transformers' ZeRO-3 loading gathers a biased module's weight and bias together
+    # (see axolotl_soka.tuner.distributed.coalesced_gather_is_safe)
+    "zero_optimization": {
+        "stage": 3,
+        "stage3_param_persistence_threshold": 0,
+        "stage3_allgather_sequential": True,
+    },
     "zero_allow_untested_optimizer": True,
     "zero_force_ds_cpu_optimizer": False,
 }
