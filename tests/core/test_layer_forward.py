@@ -1,5 +1,5 @@
 """``SokaLinear.forward``: the adapter's product is added into the base output in place when that is safe,
-out of place otherwise, with the same values and gradients either way."""
+out of place otherwise, with the same values and gradients either way; the dense forward; ``torch.compile``."""
 
 import json
 import math
@@ -311,3 +311,48 @@ def test_forward_mode_is_saved_and_loaded(tmp_path, dense_calls):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), out, rtol=1e-5, atol=1e-6)
     assert dense_calls == [1, 1]
+
+
+# ----------------------------------------------------------------------------------------------- torch.compile
+@pytest.mark.slow
+@pytest.mark.parametrize("forward_mode", ["factored", "dense"])
+def test_fullgraph_compile_matches_eager(forward_mode):
+    """``torch.compile(..., fullgraph=True)`` (Axolotl's ``torch_compile: true``) traces the layer without graph
+    breaks and gives the eager values and gradients; a biased layer on 3-d input, which the factored forward
+    flattens (the Llama test below has no biases)."""
+    model = soka_model(bias=True, forward_mode=forward_mode)
+    module = model.base_model.model  # the adapted module itself; PeftModel's own wrapper is PEFT's code
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 600, IN_FEATURES, generator=g, dtype=torch.float64)  # enough tokens for dense to pay
+    up = torch.randn(2, 600, OUT_FEATURES, generator=g, dtype=torch.float64)
+    if forward_mode == "dense":
+        assert module.proj._dense_adapter(x) == "default"
+    want = run(module, x, up)
+    torch._dynamo.reset()
+    got = run(torch.compile(module, fullgraph=True), x, up)
+    assert len(got) == len(want) == 5
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("forward_mode", ["factored", "dense"])
+def test_a_llama_with_soka_compiles_to_one_graph(forward_mode):
+    """A whole (tiny) Llama with SoKA on attention and MLP projections: one graph, no breaks, and the
+    compiled loss equals the eager one."""
+    from tiny_models import TINY_LLAMA
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = SokaConfig(
+        target_modules=["q_proj", "v_proj", "up_proj"], rank_pattern={".*": 2}, forward_mode=forward_mode
+    )
+    module = get_peft_model(LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)), config).base_model.model
+    ids = torch.randint(0, TINY_LLAMA["vocab_size"], (2, 300), generator=torch.Generator().manual_seed(1))
+    want = module(input_ids=ids, labels=ids).loss
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(module)(input_ids=ids, labels=ids)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+    torch._dynamo.reset()
+    got = torch.compile(module, fullgraph=True)(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
