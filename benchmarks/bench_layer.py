@@ -14,6 +14,7 @@ KPSVD initialisation of one matrix, full vs lowrank. Prints markdown tables.
     python benchmarks/bench_layer.py                       # fp32 on CPU
     python benchmarks/bench_layer.py --device cuda --dtype bf16
     python benchmarks/bench_layer.py --only layers --bias      # biased layers on 3-d input
+    python benchmarks/bench_layer.py --only layers --compile   # every model through torch.compile
 
 FLOP model (multiply-adds per token): base ``out·in`` forward and ``out·in`` backward (input grad only; the
 base is frozen). SoKA term, cheaper contraction order: ``c = min(n·p·(q+m), m·q·(n+p))`` forward and
@@ -160,10 +161,12 @@ def bench_layers(
     layers: list[tuple[int, int]] = LAYERS,
     lora_rank: int = LORA_RANK,
     bias: bool = False,
+    compile_models: bool = False,
 ) -> list[dict]:
     """Rows of the layer table. With ``bias`` the layers have a bias (as Qwen2's q/k/v projections) and the
     input is ``(2, tokens / 2, in)``, the 3-d call a model makes: ``nn.Linear`` then returns a view of its
-    output, which SoKA avoids by running the layer on the flattened input."""
+    output, which SoKA avoids by running the layer on the flattened input. With ``compile_models`` every model
+    (the base too) runs through ``torch.compile`` (Axolotl's ``torch_compile: true``)."""
     rows = []
     for out_f, in_f in layers:
         torch.manual_seed(0)
@@ -215,6 +218,9 @@ def bench_layers(
             ),
         }
         lead = (2, tokens // 2) if bias else (tokens,)
+        if compile_models:
+            torch._dynamo.reset()
+            models = {name: (torch.compile(model), macs) for name, (model, macs) in models.items()}
         x = torch.randn(*lead, in_f, device=device, dtype=dtype, requires_grad=True)
         grad = torch.randn(*lead, out_f, device=device, dtype=dtype)
         timings = time_models({name: model for name, (model, _) in models.items()}, x, grad, repeats)
@@ -308,6 +314,7 @@ def main() -> None:
     parser.add_argument(
         "--bias", action="store_true", help="biased layers on a (2, tokens/2, in) input (as Qwen2's q/k/v)"
     )
+    parser.add_argument("--compile", action="store_true", help="run every model through torch.compile")
     args = parser.parse_args()
     device = torch.device(args.device)
     print(
@@ -321,6 +328,7 @@ def main() -> None:
 
 def print_layers(args: argparse.Namespace, device: torch.device) -> None:
     biased = ", biased layers on (2, tokens/2, in) input" if args.bias else ""
+    biased += ", torch.compile" if args.compile else ""
     print(
         f"\n### Forward+backward, {args.tokens} tokens, {args.dtype}, {args.repeats} interleaved rounds{biased}\n"
     )
@@ -336,6 +344,7 @@ def print_layers(args: argparse.Namespace, device: torch.device) -> None:
         parse_layers(args.layers),
         args.lora_rank,
         args.bias,
+        args.compile,
     ):
         # no ratio for the base itself, nor where the median round was not slower than the base (noise)
         ratio = "–" if math.isnan(r["ratio"]) or r["extra_time"] <= 0 else f"{r['ratio']:.2f}"

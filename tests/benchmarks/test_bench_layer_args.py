@@ -97,3 +97,20 @@ def test_biased_layer_rows_take_a_3d_input() -> None:
     soka = [r for r in rows if r["method"].startswith("SoKA") and "plain autograd" not in r["method"]]
     assert len(soka) == 3
     assert all(r["saved_mib"] < 0.01 and r["trainable"] > 0 for r in soka)
+
+
+def test_compiled_rows_run_and_keep_no_activations() -> None:
+    """``--compile``: every model runs through ``torch.compile``; SoKA's rows still keep no activations besides
+    the input and have their parameters."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from bench_layer import bench_layers
+    finally:
+        sys.path.pop(0)
+    rows = bench_layers(64, torch.float32, torch.device("cpu"), 1, [(96, 64)], 2, compile_models=True)
+    assert len(rows) == 6
+    soka = [r for r in rows if r["method"].startswith("SoKA") and "plain autograd" not in r["method"]]
+    assert len(soka) == 3
+    assert all(r["saved_mib"] < 0.01 and r["trainable"] > 0 for r in soka)

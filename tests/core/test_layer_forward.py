@@ -336,6 +336,31 @@ def test_fullgraph_compile_matches_eager(forward_mode):
 
 
 @pytest.mark.slow
+def test_compiled_dense_mode_keeps_no_weight_sized_tensor_for_backward():
+    """Under ``torch.compile`` the layer takes the factored forward: compiled, the dense forward's ``W + ΔW``
+    was kept for backward (a weight-sized tensor per layer)."""
+    model = soka_model(bias=True, forward_mode="dense")
+    module = model.base_model.model
+    weight = module.proj.get_base_layer().weight
+    x = torch.randn(2, 600, IN_FEATURES, dtype=torch.float64, requires_grad=True)
+    assert module.proj._dense_adapter(x) == "default"  # eager: the dense forward
+    saved: list[tuple[int, ...]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr():
+            saved.append(tuple(t.shape))
+        return t
+
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = compiled(x)
+    out.sum().backward()
+    assert saved, "nothing saved: the hook saw no compiled graph"
+    assert all(math.prod(shape) != OUT_FEATURES * IN_FEATURES for shape in saved), saved
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("forward_mode", ["factored", "dense"])
 def test_a_llama_with_soka_compiles_to_one_graph(forward_mode):
     """A whole (tiny) Llama with SoKA on attention and MLP projections: one graph, no breaks, and the
