@@ -290,9 +290,7 @@ class SokaLinear(nn.Module, SokaLayer):
             a = a * self.scaling[dense]
             return kron_linear(x, base.weight, base.bias, a, b, chunk_tokens=self.chunk_tokens.get(dense))
         lead = None
-        if self._flattens_input(
-            x, args, kwargs
-        ):  # (..., in) → (N, in): the biased base output is then no view
+        if self._flattens_input(x, args, kwargs):  # (..., in) → (N, in): the biased output is then no view
             lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
         result = self.base_layer(x, *args, **kwargs)
         out_dtype = result.dtype
