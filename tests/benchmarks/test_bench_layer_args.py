@@ -82,9 +82,9 @@ def test_best_round_estimate_uses_each_models_fastest_round(monkeypatch) -> None
     assert lora["ratio_best"] == pytest.approx(1.0 / lora["extra_flops"])
 
 
-def test_biased_layer_rows_take_a_3d_input() -> None:
-    """With ``bias`` every row runs on a ``(2, tokens/2, in)`` input; SoKA's rows (factored and dense) still
-    keep no activations besides the input, as without a bias."""
+def small_layer_soka_rows(**options: bool) -> list[dict]:
+    """SoKA's three rows (factored, dense forward, LoRA-like) of the table for one 96×64 layer over 64 tokens,
+    with ``bench_layers``' keyword ``options``."""
     import torch
 
     sys.path.insert(0, str(REPO / "benchmarks"))
@@ -92,31 +92,22 @@ def test_biased_layer_rows_take_a_3d_input() -> None:
         from bench_layer import bench_layers
     finally:
         sys.path.pop(0)
-    rows = bench_layers(64, torch.float32, torch.device("cpu"), 1, [(96, 64)], 2, bias=True)
+    rows = bench_layers(64, torch.float32, torch.device("cpu"), 1, [(96, 64)], 2, **options)
     assert len(rows) == 6
     soka = [r for r in rows if r["method"].startswith("SoKA") and "plain autograd" not in r["method"]]
-    assert len(soka) == 3
-    assert all(r["saved_mib"] < 0.01 and r["trainable"] > 0 for r in soka), [
-        (r["method"], r["saved_mib"]) for r in soka
-    ]
+    assert len(soka) == 3 and all(r["trainable"] > 0 for r in soka)
+    return soka
 
 
-def test_compiled_rows_run_and_keep_less_than_a_weight() -> None:
-    """``--compile``: every model runs through ``torch.compile`` and SoKA's rows keep less than one weight-sized
-    tensor besides the input (after other compilations in the same process the compiled graph may keep an
-    input-sized copy, so not 0). That the compiled dense mode keeps no ``W + ΔW`` is tested on the layer."""
-    import torch
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        from bench_layer import bench_layers
-    finally:
-        sys.path.pop(0)
-    rows = bench_layers(64, torch.float32, torch.device("cpu"), 1, [(96, 64)], 2, compile_models=True)
-    assert len(rows) == 6
-    soka = [r for r in rows if r["method"].startswith("SoKA") and "plain autograd" not in r["method"]]
-    assert len(soka) == 3
-    weight_mib = 96 * 64 * 4 / 2**20
-    assert all(r["saved_mib"] < weight_mib and r["trainable"] > 0 for r in soka), [
-        (r["method"], r["saved_mib"]) for r in soka
-    ]
+@pytest.mark.parametrize(
+    ("options", "bound_mib"),
+    [({"bias": True}, 0.01), ({"compile_models": True}, 96 * 64 * 4 / 2**20)],
+    ids=["bias", "compile"],
+)
+def test_option_rows_run_and_bound_saved_memory(options, bound_mib) -> None:
+    """``--bias`` (every row on a ``(2, tokens/2, in)`` input): SoKA's rows keep no activations besides the
+    input, as without a bias. ``--compile`` (every model through ``torch.compile``): they keep less than one
+    weight-sized tensor (after other compilations in the same process the compiled graph may keep an
+    input-sized copy, so not 0); that the compiled dense mode keeps no ``W + ΔW`` is tested on the layer."""
+    soka = small_layer_soka_rows(**options)
+    assert all(r["saved_mib"] < bound_mib for r in soka), [(r["method"], r["saved_mib"]) for r in soka]
