@@ -41,16 +41,22 @@ def _is_zero3_hook(hook: Any) -> bool:
     return (getattr(func, "__module__", None) or "").startswith("deepspeed.runtime.zero.")
 
 
-def _only_zero3_hooks(module: nn.Module) -> bool:
-    """Whether every forward hook and forward pre-hook on ``module`` is ZeRO-3's (or there are none), and no
-    global forward hook is set: then the module's output is not kept by a hook, and calling it on a reshaped
-    input changes nothing but the output's shape."""
-    hooks = nn.modules.module
+def _keeps_no_output(module: nn.Module) -> bool:
+    """Whether no forward hook can keep ``module``'s output: every forward hook on it is ZeRO-3's (or there
+    are none) and no global forward hook is set."""
     return (
         all(_is_zero3_hook(hook) for hook in module._forward_hooks.values())
+        and not nn.modules.module._global_forward_hooks
+    )
+
+
+def _only_zero3_hooks(module: nn.Module) -> bool:
+    """Whether, besides :func:`_keeps_no_output`, every forward pre-hook on ``module`` is ZeRO-3's and no global
+    one is set: then calling it on a reshaped input changes nothing but the output's shape."""
+    return (
+        _keeps_no_output(module)
         and all(_is_zero3_hook(hook) for hook in module._forward_pre_hooks.values())
-        and not hooks._global_forward_hooks
-        and not hooks._global_forward_pre_hooks
+        and not nn.modules.module._global_forward_pre_hooks
     )
 
 
@@ -378,8 +384,7 @@ class SokaLinear(nn.Module, SokaLayer):
             compute_dtype = torch.get_autocast_dtype(device_type)
         return (
             type(base) is nn.Linear
-            and all(_is_zero3_hook(hook) for hook in base._forward_hooks.values())
-            and not nn.modules.module._global_forward_hooks
+            and _keeps_no_output(base)
             and result.dtype == compute_dtype
             and result.is_contiguous()
             and result._base is None

@@ -5,10 +5,21 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def bench_layer_module() -> ModuleType:
+    """``benchmarks/bench_layer.py`` imported as a module."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench_layer
+    finally:
+        sys.path.pop(0)
+    return bench_layer
 
 
 def test_bad_layers_value_stops_with_a_message() -> None:
@@ -29,11 +40,7 @@ def test_bad_layers_value_stops_with_a_message() -> None:
 
 
 def test_layers_parse_in_order() -> None:
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        from bench_layer import parse_layers
-    finally:
-        sys.path.pop(0)
+    parse_layers = bench_layer_module().parse_layers
     assert parse_layers("576x576, 1536x576") == [(576, 576), (1536, 576)]
 
 
@@ -42,11 +49,7 @@ def test_layer_rows_on_a_small_layer() -> None:
     activations besides the input."""
     import torch
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        from bench_layer import bench_layers
-    finally:
-        sys.path.pop(0)
+    bench_layers = bench_layer_module().bench_layers
     rows = {r["method"]: r for r in bench_layers(64, torch.float32, torch.device("cpu"), 1, [(96, 64)], 2)}
     factored = next(r for name, r in rows.items() if name.startswith("SoKA") and name.endswith("]"))
     dense = rows[f"{factored['method']}, dense forward"]
@@ -61,11 +64,7 @@ def test_best_round_estimate_uses_each_models_fastest_round(monkeypatch) -> None
     those are; the median columns pair rounds."""
     import torch
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import bench_layer
-    finally:
-        sys.path.pop(0)
+    bench_layer = bench_layer_module()
     rounds = iter([1.0, 3.0, 2.0] + [2.5, 2.0, 5.0] * 5)  # base rounds, then every other model's
 
     def fake_time_models(models, x, grad, repeats):
@@ -87,11 +86,7 @@ def small_layer_soka_rows(**options: bool) -> list[dict]:
     with ``bench_layers``' keyword ``options``."""
     import torch
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        from bench_layer import bench_layers
-    finally:
-        sys.path.pop(0)
+    bench_layers = bench_layer_module().bench_layers
     rows = bench_layers(64, torch.float32, torch.device("cpu"), 1, [(96, 64)], 2, **options)
     assert len(rows) == 6
     soka = [r for r in rows if r["method"].startswith("SoKA") and "plain autograd" not in r["method"]]
