@@ -71,6 +71,21 @@ def test_weights_were_partitioned_and_training_ran(zero3_run: tuple[Path, Path])
         assert len(info["losses"]) == 4 and all(0.0 < loss < 20.0 for loss in info["losses"])
 
 
+def test_deepspeed_hooks_keep_the_in_place_and_flattened_paths(zero3_run: tuple[Path, Path]) -> None:
+    """The layers recognise the fetch/release hooks DeepSpeed registers on the base layers: every training
+    forward adds in place, and every biased layer (q/k/v/o here, 3-d input) runs on the flattened input."""
+    _, out_dir = zero3_run
+    for rank in (0, 1):
+        paths = json.loads((out_dir / f"rank{rank}.json").read_text())["paths"]
+        calls = 4 * 2 * 7  # 4 steps × 2 decoder layers × 7 adapted modules (4 of them biased)
+        assert paths == {
+            "biased_flattened": 4 * 2 * 4,
+            "biased_not_flattened": 0,
+            "in_place": calls,
+            "out_of_place": 0,
+        }
+
+
 def test_zero3_init_equals_single_process(zero3_run: tuple[Path, Path]) -> None:
     model_dir, out_dir = zero3_run
     record = torch.load(out_dir / "init.pt")

@@ -26,6 +26,7 @@ from transformers.integrations import HfDeepSpeedConfig  # noqa: E402
 import axolotl_soka  # noqa: E402
 from axolotl_soka import SokaConfig, SokaLayer  # noqa: E402
 from axolotl_soka.tuner.distributed import gathered  # noqa: E402
+from axolotl_soka.tuner.layer import SokaLinear  # noqa: E402
 
 DS_CONFIG = {
     "train_micro_batch_size_per_gpu": 1,
@@ -77,6 +78,47 @@ def train_steps(peft_model: torch.nn.Module, batches: list[dict]) -> tuple[objec
     return engine, losses
 
 
+class PathRecorder:
+    """Records, per SoKA layer call, ``(biased, flattened, in_place)``: whether the base ``nn.Linear`` has a
+    bias, whether the layer ran it on the flattened input and whether it added its product in place. Under
+    ZeRO-3 the base layers carry DeepSpeed's fetch/release hooks, which the layer must recognise as harmless
+    to take those paths."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[bool, bool, bool]] = []
+        self._flattened = False
+
+    def __enter__(self) -> PathRecorder:
+        self._saved = SokaLinear._flattens_input, SokaLinear._adds_in_place
+        flattens, adds = self._saved
+        recorder = self
+
+        def _flattens_input(layer, x, args, kwargs):
+            recorder._flattened = flattens(layer, x, args, kwargs)
+            return recorder._flattened
+
+        def _adds_in_place(layer, result, dtype):
+            in_place = adds(layer, result, dtype)
+            biased = layer.get_base_layer().bias is not None
+            recorder.calls.append((biased, recorder._flattened, in_place))
+            return in_place
+
+        SokaLinear._flattens_input, SokaLinear._adds_in_place = _flattens_input, _adds_in_place
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        SokaLinear._flattens_input, SokaLinear._adds_in_place = self._saved
+
+    def summary(self) -> dict[str, int]:
+        """Call counts: ``biased_flattened``, ``biased_not_flattened``, ``in_place``, ``out_of_place``."""
+        return {
+            "biased_flattened": sum(b and f for b, f, _ in self.calls),
+            "biased_not_flattened": sum(b and not f for b, f, _ in self.calls),
+            "in_place": sum(i for *_, i in self.calls),
+            "out_of_place": sum(not i for *_, i in self.calls),
+        }
+
+
 def calibration_batches(count: int = 4) -> list[dict[str, torch.Tensor]]:
     """Fixed batches for the gradient calibration; process ``r`` of 2 takes ``[r::2]``."""
     g = torch.Generator().manual_seed(77)
@@ -124,7 +166,8 @@ def main(model_dir: str, out_dir: str) -> None:
 
     torch.manual_seed(1234)
     ids = [torch.randint(0, 100, (1, 12)) for _ in range(2 * 4)]
-    engine, losses = train_steps(peft_model, [{"input_ids": x, "labels": x} for x in ids[rank::2]])
+    with PathRecorder() as paths:  # under DeepSpeed's hooks, registered by deepspeed.initialize
+        engine, losses = train_steps(peft_model, [{"input_ids": x, "labels": x} for x in ids[rank::2]])
     engine.eval()
     probe = torch.arange(20).reshape(2, 10) % 100
     with torch.no_grad():
@@ -137,7 +180,8 @@ def main(model_dir: str, out_dir: str) -> None:
     if rank == 0:
         torch.save({"logits": resumed}, os.path.join(out_dir, "resumed.pt"))
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"partitioned": partitioned, "init_seconds": init_seconds, "losses": losses}, f)
+        info = {"partitioned": partitioned, "init_seconds": init_seconds, "losses": losses}
+        json.dump(info | {"paths": paths.summary()}, f)
     gradient_run(model_dir, out_dir, rank)
     dist.barrier()
 
