@@ -18,12 +18,16 @@ class Size(TrainSettings):
     final_ranks: tuple[int, ...]
     seeds: tuple[int, ...]
     grid: bool = True
+    #: start runs from a preloaded fork server instead of fresh interpreters (faster; peak RSS not comparable)
+    fork_runs: bool = False
     methods: tuple[str, ...] = field(default=METHODS)
 
 
 SIZES = {
     # a few steps of everything, for the test that keeps this script from rotting
-    "quick": Size(3, 2, 96, 6, 4, 2, 8, grid_rank=4, final_ranks=(4,), seeds=(0,), grid=False),
+    "quick": Size(
+        3, 2, 96, 6, 4, 2, 8, grid_rank=4, final_ranks=(4,), seeds=(0,), grid=False, fork_runs=True
+    ),
     # about two hours on a 2-core CPU: the grid at one budget and seed, then both budgets
     "cpu": Size(80, 2, 160, 160, 32, 40, 160, grid_rank=4, final_ranks=(4, 16), seeds=(0,)),
     # for a GPU: longer training, all budgets, three seeds

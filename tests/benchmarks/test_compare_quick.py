@@ -1,4 +1,5 @@
-"""The head-to-head benchmark's quick mode runs end to end on a tiny model, so the script cannot rot."""
+"""The head-to-head benchmark's quick mode runs end to end on a tiny model, so the script cannot rot; a run in a
+fresh interpreter (how the measured sizes start runs) gives the same losses as the quick size's forked runs."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from tiny_models import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_quick_mode_runs_every_method_and_writes_the_report(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def quick_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The output folder of ``compare.py --size quick`` on a tiny model (and its resumed second invocation)."""
+    tmp_path = tmp_path_factory.mktemp("compare")
     model_dir = build_tiny_model(tmp_path / "model", hidden_size=64, intermediate_size=128)
     out = tmp_path / "out"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -28,7 +33,15 @@ def test_quick_mode_runs_every_method_and_writes_the_report(tmp_path: Path) -> N
     ]
     proc = subprocess.run([*cmd, "--out", str(out)], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # a second invocation resumes: every run is already done, nothing is retrained
+    again = subprocess.run([*cmd, "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    (out / "resumed.log").write_text(again.stdout)
+    return out
 
+
+def test_quick_mode_runs_every_method_and_writes_the_report(quick_out: Path) -> None:
+    out = quick_out
     runs = {p.stem: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
     names = {r["name"] for r in runs.values()}
     assert names == {
@@ -60,9 +73,24 @@ def test_quick_mode_runs_every_method_and_writes_the_report(tmp_path: Path) -> N
     for png in ("compare-out-losses.png", "compare-out-grad-norms.png", "compare-out-vs-params.png"):
         assert (out / png).stat().st_size > 1000
 
-    # a second invocation resumes: every run is already done, nothing is retrained
-    again = subprocess.run([*cmd, "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
-    progress = [line for line in again.stdout.splitlines() if line.startswith("[")]
+    progress = [line for line in (out / "resumed.log").read_text().splitlines() if line.startswith("[")]
     # grid stage (soka-grad-auto has none: it takes soka-grad's rate), then final stage (r4 runs reused)
-    assert again.returncode == 0 and len(progress) == 7 + 9
+    assert len(progress) == 7 + 9
     assert all(line.endswith("(done)") for line in progress)
+
+
+def test_a_fresh_interpreter_run_equals_the_forked_run(quick_out: Path, tmp_path: Path) -> None:
+    """The measured sizes' launcher: same losses and validation loss as the fork server's run of the same
+    config, and a higher peak RSS (a whole process's libraries, not only the pages the run touched)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import compare
+    from headtohead.training import RunConfig
+
+    forked = json.loads(next((quick_out / "runs").glob("soka-r4-lr*.json")).read_text())
+    result = tmp_path / "fresh.json"
+    compare.launch(RunConfig(**forked["config"]), result, processes=None)
+    fresh = json.loads(result.read_text())
+    assert fresh["name"] == "soka-r4" and fresh["trainable"] == forked["trainable"]
+    assert fresh["losses"] == forked["losses"] and fresh["grad_norms"] == forked["grad_norms"]
+    assert fresh["val_loss"] == forked["val_loss"] and fresh["accuracy"] == forked["accuracy"]
+    assert fresh["peak_mib"] > forked["peak_mib"] + 50
