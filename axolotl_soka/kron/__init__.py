@@ -6,6 +6,7 @@ Plain torch functions; nothing here imports PEFT or Axolotl.
 from .apply import contraction_costs, kron_apply, kron_delta
 from .budget import BudgetItem, allocate_budget, parse_budget
 from .dense_forward import dense_forward_pays, effective_weight, kron_linear
+from .dense_forward_op import kron_linear_op  # noqa: F401  (registers the compiled dense forward's operators)
 from .kpsvd import SVD_METHODS, KPSVDResult, fix_signs, kpsvd, kron_coefficients, randomized_svd
 from .rank import (
     COMBINE_MODES,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .apply_autograd import KronApply, chunk_tokens_for
+from .apply_op import kron_apply_op
 
 
 def contraction_costs(m: int, n: int, p: int, q: int) -> tuple[int, int]:
@@ -55,7 +56,8 @@ def kron_apply(
     not kept for backward (:class:`~axolotl_soka.kron.apply_autograd.KronApply` recomputes it; LoRA-like
     shapes keep their small ``r``-per-token one, as LoRA does). Tokens run in
     chunks of ``chunk_tokens`` (default: a cache-sized chunk on a CPU, a whole micro-batch on a GPU).
-    Under ``torch.autocast`` the product runs in the autocast dtype, like ``torch.matmul`` would.
+    Under ``torch.autocast`` the product runs in the autocast dtype, like ``torch.matmul`` would. Under
+    ``torch.compile`` it runs as the custom operators of :mod:`~axolotl_soka.kron.apply_op`.
     """
     r, m, n = A.shape
     _, p, q = B.shape
@@ -70,7 +72,12 @@ def kron_apply(
         _check_add_to(add_to, lead, m * p, x.dtype)
     left, right = (B, A) if transpose else (A, B)
     with torch.autocast(device_type, enabled=False):
-        y = KronApply.apply(tokens, left, right, transpose, chunk_tokens, add_to)
+        if torch.compiler.is_compiling():  # one opaque operator each way, not an unrolled chunk loop
+            y = kron_apply_op(tokens, left, right, transpose, chunk_tokens)[0]
+            if add_to is not None:
+                return add_to.add_(y.view(add_to.shape))
+        else:
+            y = KronApply.apply(tokens, left, right, transpose, chunk_tokens, add_to)
     return y if add_to is not None else y.reshape(*lead, m * p)
 
 

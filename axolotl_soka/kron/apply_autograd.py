@@ -116,6 +116,53 @@ def _core_input(x: torch.Tensor, transpose: bool, bufs: _Buffers) -> torch.Tenso
     return x.reshape(c * n, q)
 
 
+def kron_forward(
+    x: torch.Tensor,
+    L: torch.Tensor,
+    R: torch.Tensor,
+    transpose: bool,
+    chunk: int,
+    add_to: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:class:`KronApply`'s forward without autograd: ``(y, z_kept)`` for ``x: (N, n, q)``. ``y`` is
+    ``(N, m, p)`` (``(N, p, m)`` in the transposed core orientation), or ``add_to`` with the product added in
+    place; ``z_kept`` is the ``(N·n, r)`` intermediate kept for backward (LoRA-like shapes, see
+    :func:`keeps_intermediate`) or ``None``."""
+    r, m_c, n_c = L.shape  # core orientation: m_c×n_c left factors, p_c×q_c right factors
+    _, p_c, q_c = R.shape
+    N = x.shape[0]
+    l_cat, r_cat = _cat_factors(L, R)
+    y_shape = _output_shape(N, m_c, p_c, transpose)
+    # with add_to: accumulate in place into the caller's (N·m_c·p_c)-element output
+    y = x.new_empty(y_shape) if add_to is None else add_to.view(y_shape)
+    # LoRA-like shapes: the intermediate (r·n per token) is small next to the input (n·q per token), so it
+    # is kept for backward like LoRA keeps its rank-r activation, instead of recomputed
+    z_kept = x.new_empty(N * n_c, r) if keeps_intermediate(r, p_c, q_c) else None
+    bufs = _Buffers(x)
+    for start in range(0, N, chunk):
+        xm = _core_input(x[start : start + chunk], transpose, bufs)
+        c = xm.shape[0] // n_c
+        if z_kept is None:
+            z = bufs.take("z", c * n_c, r * p_c)
+        else:
+            z = z_kept[start * n_c : (start + c) * n_c]
+        torch.mm(xm, r_cat.T, out=z)
+        yc = y[start : start + c]
+        if p_c == 1:  # LoRA-like shapes: the per-token products are matrix-vector, so one GEMM per chunk
+            lhs, rhs, yc = z.view(c, n_c * r), l_cat.T, yc.view(c, m_c)
+        elif transpose:  # Yᵀ per token, straight into the (c, p_c, m_c) output: Z'ᵀ · L_catᵀ
+            z = z.view(c, n_c * r, p_c)
+            lhs, rhs = z.transpose(1, 2), l_cat.T.expand(c, n_c * r, m_c)
+        else:
+            z = z.view(c, n_c * r, p_c)
+            lhs, rhs = l_cat.expand(c, m_c, n_c * r), z
+        if add_to is None:
+            torch.matmul(lhs, rhs, out=yc)
+        else:
+            _add_product(yc, lhs, rhs)
+    return y, z_kept
+
+
 class KronApply(torch.autograd.Function):
     """``y[t] = Σ_k L_k x[t] R_kᵀ`` for ``x: (N, n, q)``, ``L: (r, m, n)``, ``R: (r, p, q)`` → ``(N, m, p)``.
 
@@ -136,41 +183,9 @@ class KronApply(torch.autograd.Function):
         chunk: int,
         add_to: torch.Tensor | None,
     ):
-        r, m_c, n_c = L.shape  # core orientation: m_c×n_c left factors, p_c×q_c right factors
-        _, p_c, q_c = R.shape
-        N = x.shape[0]
-        l_cat, r_cat = _cat_factors(L, R)
-        y_shape = _output_shape(N, m_c, p_c, transpose)
-        if add_to is None:
-            y = x.new_empty(y_shape)
-        else:  # accumulate in place into the caller's (N·m_c·p_c)-element output
+        if add_to is not None:
             ctx.mark_dirty(add_to)
-            y = add_to.view(y_shape)
-        # LoRA-like shapes: the intermediate (r·n per token) is small next to the input (n·q per token), so it
-        # is kept for backward like LoRA keeps its rank-r activation, instead of recomputed
-        z_kept = x.new_empty(N * n_c, r) if keeps_intermediate(r, p_c, q_c) else None
-        bufs = _Buffers(x)
-        for start in range(0, N, chunk):
-            xm = _core_input(x[start : start + chunk], transpose, bufs)
-            c = xm.shape[0] // n_c
-            if z_kept is None:
-                z = bufs.take("z", c * n_c, r * p_c)
-            else:
-                z = z_kept[start * n_c : (start + c) * n_c]
-            torch.mm(xm, r_cat.T, out=z)
-            yc = y[start : start + c]
-            if p_c == 1:  # LoRA-like shapes: the per-token products are matrix-vector, so one GEMM per chunk
-                lhs, rhs, yc = z.view(c, n_c * r), l_cat.T, yc.view(c, m_c)
-            elif transpose:  # Yᵀ per token, straight into the (c, p_c, m_c) output: Z'ᵀ · L_catᵀ
-                z = z.view(c, n_c * r, p_c)
-                lhs, rhs = z.transpose(1, 2), l_cat.T.expand(c, n_c * r, m_c)
-            else:
-                z = z.view(c, n_c * r, p_c)
-                lhs, rhs = l_cat.expand(c, m_c, n_c * r), z
-            if add_to is None:
-                torch.matmul(lhs, rhs, out=yc)
-            else:
-                _add_product(yc, lhs, rhs)
+        y, z_kept = kron_forward(x, L, R, transpose, chunk, add_to)
         ctx.save_for_backward(x, L, R, z_kept)
         ctx.transpose, ctx.chunk = transpose, chunk
         return y if add_to is None else add_to

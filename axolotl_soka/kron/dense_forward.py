@@ -121,6 +121,45 @@ def _transient_weight(
     return effective_weight(weight, A, B, dtype, out=out)
 
 
+def dense_linear_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor
+) -> torch.Tensor:
+    """``x·(W + Σ_k A_k ⊗ B_k)ᵀ + b`` for ``x: (N, n·q)`` → ``(N, m·p)``, through the transient ``W + ΔW``."""
+    w_eff = _transient_weight(weight, A, B, x.dtype)
+    return torch.nn.functional.linear(x, w_eff, None if bias is None else bias.to(x.dtype))
+
+
+def dense_linear_backward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    dy: torch.Tensor,
+    transpose: bool,
+    chunk: int,
+    need_x: bool,
+    need_a: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(dx, dA, dB)`` of :func:`dense_linear_forward`'s output for the incoming ``dy: (N, m·p)``, each
+    ``None`` where not needed: ``dx = dy·(W + ΔW)`` (rebuilt), the factor gradients factored (``transpose``
+    and ``chunk`` as for :class:`~axolotl_soka.kron.apply_autograd.KronApply`)."""
+    dx = dA = dB = None
+    if need_x:
+        dx = dy.to(x.dtype).mm(_transient_weight(weight, A, B, x.dtype))
+    if need_a or need_b:
+        tokens = x.reshape(-1, A.shape[2], B.shape[2])  # (N, n, q)
+        left, right = (B, A) if transpose else (A, B)
+        need_l, need_r = (need_b, need_a) if transpose else (need_a, need_b)
+        _, d_left, d_right = kron_backward(
+            tokens, left.to(x.dtype), right.to(x.dtype), dy, transpose, chunk, False, need_l, need_r
+        )
+        dA, dB = (d_right, d_left) if transpose else (d_left, d_right)
+        dA = None if dA is None else dA.to(A.dtype)
+        dB = None if dB is None else dB.to(B.dtype)
+    return dx, dA, dB
+
+
 class DenseKronLinear(torch.autograd.Function):
     """``y = x·(W + Σ_k A_k ⊗ B_k)ᵀ + b`` for ``x: (N, n·q)`` → ``(N, m·p)``; ``W`` and ``b`` receive no
     gradient (a frozen layer). ``transpose`` and ``chunk`` set the factor gradients' contraction order and
@@ -138,38 +177,17 @@ class DenseKronLinear(torch.autograd.Function):
         transpose: bool,
         chunk: int,
     ) -> torch.Tensor:
-        w_eff = _transient_weight(weight, A, B, x.dtype)
-        y = torch.nn.functional.linear(x, w_eff, None if bias is None else bias.to(x.dtype))
         ctx.save_for_backward(x, weight, A, B)
         ctx.transpose, ctx.chunk = transpose, chunk
-        return y
+        return dense_linear_forward(x, weight, bias, A, B)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dy: torch.Tensor):
         x, weight, A, B = ctx.saved_tensors
         need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
-        dx = dA = dB = None
-        if need_x:
-            dx = dy.to(x.dtype).mm(_transient_weight(weight, A, B, x.dtype))
-        if need_a or need_b:
-            tokens = x.reshape(-1, A.shape[2], B.shape[2])  # (N, n, q)
-            left, right = (B, A) if ctx.transpose else (A, B)
-            need_l, need_r = (need_b, need_a) if ctx.transpose else (need_a, need_b)
-            _, d_left, d_right = kron_backward(
-                tokens,
-                left.to(x.dtype),
-                right.to(x.dtype),
-                dy,
-                ctx.transpose,
-                ctx.chunk,
-                False,
-                need_l,
-                need_r,
-            )
-            dA, dB = (d_right, d_left) if ctx.transpose else (d_left, d_right)
-            dA = None if dA is None else dA.to(A.dtype)
-            dB = None if dB is None else dB.to(B.dtype)
+        grads = dense_linear_backward(x, weight, A, B, dy, ctx.transpose, ctx.chunk, need_x, need_a, need_b)
+        dx, dA, dB = grads
         return dx, None, None, dA, dB, None, None
 
 
@@ -205,5 +223,8 @@ def kron_linear(
     transpose, chunk_tokens = contraction_plan(A, B, dtype, x.device, chunk_tokens)
     tokens = x.reshape(-1, n * q).to(dtype)
     with torch.autocast(device_type, enabled=False):
-        y = DenseKronLinear.apply(tokens, weight, bias, A, B, transpose, chunk_tokens)
+        if torch.compiler.is_compiling():  # one opaque operator each way (axolotl_soka.kron.dense_forward_op)
+            y = torch.ops.axolotl_soka.kron_linear(tokens, weight, bias, A, B, transpose, chunk_tokens)
+        else:
+            y = DenseKronLinear.apply(tokens, weight, bias, A, B, transpose, chunk_tokens)
     return y.reshape(*lead, m * p)

@@ -338,12 +338,10 @@ class SokaLinear(nn.Module, SokaLayer):
         not under DeepSpeed ZeRO-3 or accelerate's offloading, whose hooks fetch the weight), with a frozen
         weight and bias; no active dropout (the base and the adapter must see the same input); an input of the
         weight's dtype (or autocast); and enough tokens that it is the cheaper order
-        (:func:`~axolotl_soka.kron.dense_forward_pays`). Not under ``torch.compile``: its partitioner kept a
-        weight-sized tensor per layer for backward, where the factored forward keeps none."""
+        (:func:`~axolotl_soka.kron.dense_forward_pays`). Under ``torch.compile`` it runs as an opaque operator
+        (:mod:`~axolotl_soka.kron.dense_forward_op`), which keeps no ``W + ΔW`` for backward."""
         adapters = [name for name in self.active_adapters if name in self.soka_A]
         if len(adapters) != 1 or self.forward_mode.get(adapters[0]) != "dense":
-            return None
-        if torch.compiler.is_compiling():
             return None
         adapter = adapters[0]
         base = self.get_base_layer()

@@ -165,6 +165,48 @@ def test_torch_compile_gives_the_same_gradients():
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "dims", [(8, 2, 2, 8), (2, 8, 8, 2), (5, 1, 1, 6)], ids=["b-first", "a-first", "lora-like"]
+)
+def test_compiled_graphs_hold_one_operator_each_way_not_the_chunk_loop(dims):
+    """Compiled, the product is one opaque operator in the forward graph and one in the backward graph, where
+    dynamo would otherwise unroll the chunk loop (3 chunks here) into separate products; values and
+    gradients equal eager mode."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append([str(node.target) for node in gm.graph.nodes if node.op == "call_function"])
+        return make_boxed_func(gm.forward)
+
+    x, a, b, up = factors(dims, r=3)
+
+    def loss(x, a, b):
+        return (kron_apply(x, a, b, chunk_tokens=4) * up).sum()
+
+    eager = [t.clone().requires_grad_() for t in (x, a, b)]
+    want = loss(*eager)
+    want.backward()
+    inputs = [t.clone().requires_grad_() for t in (x, a, b)]
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        loss, backend=aot_autograd(fw_compiler=record, bw_compiler=record), fullgraph=True
+    )
+    got = compiled(*inputs)
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    forward, backward = graphs
+    assert forward.count("axolotl_soka.kron_apply.default") == 1
+    assert backward.count("axolotl_soka.kron_apply_backward.default") == 1
+    products = ("aten.mm.default", "aten.bmm.default", "aten.addmm.default", "aten.baddbmm.default")
+    assert not [t for t in forward + backward if t in products]
+    for got, want in zip(inputs, eager, strict=True):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("chunk", [0, -3])
 def test_a_chunk_size_below_one_is_refused(chunk):
     x, a, b, _ = factors((4, 4, 4, 4), r=2)

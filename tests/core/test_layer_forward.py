@@ -336,9 +336,18 @@ def test_fullgraph_compile_matches_eager(forward_mode):
 
 
 @pytest.mark.slow
-def test_compiled_dense_mode_keeps_no_weight_sized_tensor_for_backward():
-    """Under ``torch.compile`` the layer takes the factored forward: compiled, the dense forward's ``W + ΔW``
-    was kept for backward (a weight-sized tensor per layer)."""
+def test_compiled_dense_mode_keeps_no_weight_sized_tensor_for_backward(monkeypatch):
+    """Under ``torch.compile`` the dense forward runs as an opaque operator, forward and backward, and keeps no
+    weight-sized tensor but the weight itself for backward. Traced instead, ``W + ΔW`` was kept (a weight-sized
+    tensor per layer); the values and gradients equal eager mode."""
+    import axolotl_soka.kron.dense_forward_op as dense_op
+
+    calls = {"forward": 0, "backward": 0}
+    for name, fn in (
+        ("forward", dense_op.dense_linear_forward),
+        ("backward", dense_op.dense_linear_backward),
+    ):
+        monkeypatch.setattr(dense_op, f"dense_linear_{name}", counted(calls, name, fn))
     model = soka_model(bias=True, forward_mode="dense")
     module = model.base_model.model
     weight = module.proj.get_base_layer().weight
@@ -351,13 +360,35 @@ def test_compiled_dense_mode_keeps_no_weight_sized_tensor_for_backward():
             saved.append(tuple(t.shape))
         return t
 
+    up = torch.randn(2, 600, OUT_FEATURES, dtype=torch.float64)
+    want = module(x) * up
+    want.sum().backward()
+    want_grads = [t.grad.clone() for t in (x, *module.proj.soka_A.values(), *module.proj.soka_B.values())]
+    for t in (x, *module.proj.soka_A.values(), *module.proj.soka_B.values()):
+        t.grad = None
+    calls.update(forward=0, backward=0)
     torch._dynamo.reset()
     compiled = torch.compile(module, fullgraph=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = compiled(x)
+        out = compiled(x) * up
     out.sum().backward()
+    assert calls == {"forward": 1, "backward": 1}, "the compiled layer did not run the dense operators"
     assert saved, "nothing saved: the hook saw no compiled graph"
     assert all(math.prod(shape) != OUT_FEATURES * IN_FEATURES for shape in saved), saved
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    got_grads = [t.grad for t in (x, *module.proj.soka_A.values(), *module.proj.soka_B.values())]
+    for got, ref in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+
+
+def counted(calls: dict[str, int], name: str, fn):
+    """``fn`` that counts its calls in ``calls[name]``."""
+
+    def wrapper(*args, **kwargs):
+        calls[name] += 1
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 @pytest.mark.slow
