@@ -60,16 +60,25 @@ def kron_apply_backward_op(
     """``(dx, dL, dR)`` of :func:`kron_apply_op`'s ``y`` (see :func:`kron_backward`), empty where not needed."""
     kept = z_kept if z_kept.numel() else None
     grads = kron_backward(x.contiguous(), L, R, dy, transpose, chunk, need_x, need_l, need_r, kept)
-    return tuple(  # type: ignore[return-value]
-        like.new_empty(0) if g is None else g.contiguous() for g, like in zip(grads, (x, L, R), strict=True)
-    )
+    return operator_grads(grads, (x, L, R))  # type: ignore[return-value]
 
 
 @kron_apply_backward_op.register_fake
 def _(x, L, R, z_kept, dy, transpose, chunk, need_x, need_l, need_r):
-    return tuple(
-        t.new_empty(t.shape if need else (0,)) for t, need in ((x, need_x), (L, need_l), (R, need_r))
-    )
+    return fake_grads((x, L, R), (need_x, need_l, need_r))
+
+
+def operator_grads(
+    grads: tuple[torch.Tensor | None, ...], inputs: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, ...]:
+    """A backward operator's outputs: each gradient contiguous, an empty tensor (of its input's dtype and
+    device) where it is ``None``: operators return neither ``None`` nor strides their fake cannot predict."""
+    return tuple(t.new_empty(0) if g is None else g.contiguous() for g, t in zip(grads, inputs, strict=True))
+
+
+def fake_grads(inputs: tuple[torch.Tensor, ...], needed: tuple[bool, ...]) -> tuple[torch.Tensor, ...]:
+    """:func:`operator_grads`'s outputs for the compiler: each input's shape where needed, else empty."""
+    return tuple(t.new_empty(t.shape if need else (0,)) for t, need in zip(inputs, needed, strict=True))
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .apply_op import fake_grads, operator_grads
 from .dense_forward import dense_linear_backward, dense_linear_forward
 
 
@@ -58,16 +59,12 @@ def kron_linear_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dA, dB)`` of :func:`kron_linear_op` (see :func:`dense_linear_backward`), empty where not needed."""
     grads = dense_linear_backward(x, weight, A, B, dy.contiguous(), transpose, chunk, need_x, need_a, need_b)
-    return tuple(  # type: ignore[return-value]
-        like.new_empty(0) if g is None else g.contiguous() for g, like in zip(grads, (x, A, B), strict=True)
-    )
+    return operator_grads(grads, (x, A, B))  # type: ignore[return-value]
 
 
 @kron_linear_backward_op.register_fake
 def _(x, weight, A, B, dy, transpose, chunk, need_x, need_a, need_b):
-    return tuple(
-        t.new_empty(t.shape if need else (0,)) for t, need in ((x, need_x), (A, need_a), (B, need_b))
-    )
+    return fake_grads((x, A, B), (need_x, need_a, need_b))
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
