@@ -412,3 +412,23 @@ def test_a_llama_with_soka_compiles_to_one_graph(forward_mode):
     torch._dynamo.reset()
     got = torch.compile(module, fullgraph=True)(input_ids=ids, labels=ids).loss
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("forward_mode", ["factored", "dense"])
+def test_compiled_with_dynamic_shapes_new_sequence_lengths_reuse_the_graph(forward_mode):
+    """Compiled with dynamic shapes, the operators' fake implementations take a symbolic token count: a new
+    sequence length (as Axolotl's batches have) reuses the compiled frame instead of recompiling, on a
+    biased layer (flattened input) in both forward modes (lengths past the dense forward's threshold)."""
+    model = soka_model(bias=True, forward_mode=forward_mode)
+    module = model.base_model.model
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")  # dynamo and the fakes, no codegen
+    dynamic = torch.compile(module, backend=counter, dynamic=True)
+    frames, g = [], torch.Generator().manual_seed(2)
+    for length in (300, 333):
+        x = torch.randn(2, length, IN_FEATURES, dtype=torch.float64, generator=g)
+        assert module.proj._dense_adapter(x) == ("default" if forward_mode == "dense" else None)
+        torch.testing.assert_close(dynamic(x), module(x), rtol=1e-12, atol=1e-12)
+        frames.append(counter.frame_count)
+    assert frames == [1, 1], f"a new sequence length recompiled: {frames} frames"
