@@ -113,6 +113,14 @@ class _Workspace(threading.local):
 _WORKSPACE = _Workspace()
 
 
+def release_workspace() -> int:
+    """Free the calling thread's reused CPU ``W + ΔW`` tensors (the next dense call makes them again); returns
+    the bytes released. Called when SoKA is unloaded or merged, after which no layer needs them."""
+    released = sum(t.numel() * t.element_size() for t in _WORKSPACE.tensors.values())
+    _WORKSPACE.tensors.clear()
+    return released
+
+
 def _transient_weight(
     weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:

@@ -8,6 +8,7 @@ from typing import Any
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
+from ..kron.dense_forward import release_workspace
 from .calibration import take_calibration
 from .config import SokaConfig
 from .initializer import ModuleInit, decide_all
@@ -118,6 +119,14 @@ class SokaModel(BaseTuner):
         config.resolved = True
 
     # ---------------------------------------------------------------- unloading
+    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
+        """PEFT's unloading (``unload``, ``merge_and_unload``), then the dense forward's reused CPU buffers
+        (one weight-sized tensor per shape, :func:`~axolotl_soka.kron.dense_forward.release_workspace`) are
+        freed: no SoKA layer is left to use them."""
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        release_workspace()
+        return model
+
     def unload(self) -> nn.Module:
         """Remove the adapters without merging and give back the original weights (residual restored)."""
         for module in self.model.modules():

@@ -432,3 +432,23 @@ def test_compiled_with_dynamic_shapes_new_sequence_lengths_reuse_the_graph(forwa
         torch.testing.assert_close(dynamic(x), module(x), rtol=1e-12, atol=1e-12)
         frames.append(counter.frame_count)
     assert frames == [1, 1], f"a new sequence length recompiled: {frames} frames"
+
+
+@pytest.mark.parametrize("merge", [True, False], ids=["merge_and_unload", "unload"])
+def test_unloading_frees_the_dense_forwards_cpu_workspace(merge):
+    """The dense forward's reused ``W + ΔW`` buffer (CPU) is freed once SoKA is merged or unloaded."""
+    from axolotl_soka.kron import dense_forward
+
+    dense_forward.release_workspace()
+    model = soka_model(bias=True, forward_mode="dense")
+    x = torch.randn(2, 600, IN_FEATURES, dtype=torch.float64)
+    assert model.base_model.model.proj._dense_adapter(x) == "default"
+    with torch.no_grad():
+        want = model(x)
+    assert list(dense_forward._WORKSPACE.tensors) == [((OUT_FEATURES, IN_FEATURES), torch.float64)]
+    plain = model.merge_and_unload() if merge else model.unload()
+    assert dense_forward._WORKSPACE.tensors == {}
+    assert type(plain.proj) is nn.Linear
+    if merge:
+        with torch.no_grad():
+            torch.testing.assert_close(plain(x), want, rtol=1e-5, atol=1e-6)  # the merge sums ΔW in fp32
