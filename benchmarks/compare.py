@@ -7,8 +7,9 @@ lowest validation loss; stage 2 runs each method at its rate at LoRA r=4 and r=1
 for every seed. Each run is a separate process writing ``runs/<key>.json``; finished runs are skipped, so an
 interrupted benchmark resumes where it stopped. A run of a measured size starts a fresh interpreter, so its peak
 RSS is that of a whole process; the quick size's runs are forked from a server that imported the libraries
-once, which saves about 15 s of imports per run on a 2-core CPU (see ``run_processes``). The report (markdown table and PNG plots) is written to the
-output folder and, with ``--docs``, into ``docs/benchmarks.md`` and ``docs/img/``.
+once, which saves about 15 s of imports per run on a 2-core CPU (see ``run_processes``). The report (markdown
+table and PNG plots) is written to the output folder and, with ``--docs``, into ``docs/benchmarks.md`` and
+``docs/img/``.
 """
 
 from __future__ import annotations

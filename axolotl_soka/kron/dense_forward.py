@@ -113,12 +113,10 @@ class _Workspace(threading.local):
 _WORKSPACE = _Workspace()
 
 
-def release_workspace() -> int:
-    """Free the calling thread's reused CPU ``W + ΔW`` tensors (the next dense call makes them again); returns
-    the bytes released. Called when SoKA is unloaded or merged, after which no layer needs them."""
-    released = sum(t.numel() * t.element_size() for t in _WORKSPACE.tensors.values())
+def release_workspace() -> None:
+    """Free the calling thread's reused CPU ``W + ΔW`` tensors (the next dense call makes them again). Called
+    when SoKA is unloaded or merged, after which no layer needs them."""
     _WORKSPACE.tensors.clear()
-    return released
 
 
 def _transient_weight(

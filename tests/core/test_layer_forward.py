@@ -363,8 +363,9 @@ def test_compiled_dense_mode_keeps_no_weight_sized_tensor_for_backward(monkeypat
     up = torch.randn(2, 600, OUT_FEATURES, dtype=torch.float64)
     want = module(x) * up
     want.sum().backward()
-    want_grads = [t.grad.clone() for t in (x, *module.proj.soka_A.values(), *module.proj.soka_B.values())]
-    for t in (x, *module.proj.soka_A.values(), *module.proj.soka_B.values()):
+    leaves = (x, *module.proj.soka_A.values(), *module.proj.soka_B.values())
+    want_grads = [t.grad.clone() for t in leaves]
+    for t in leaves:
         t.grad = None
     calls.update(forward=0, backward=0)
     torch._dynamo.reset()
@@ -376,9 +377,8 @@ def test_compiled_dense_mode_keeps_no_weight_sized_tensor_for_backward(monkeypat
     assert saved, "nothing saved: the hook saw no compiled graph"
     assert all(math.prod(shape) != OUT_FEATURES * IN_FEATURES for shape in saved), saved
     torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
-    got_grads = [t.grad for t in (x, *module.proj.soka_A.values(), *module.proj.soka_B.values())]
-    for got, ref in zip(got_grads, want_grads, strict=True):
-        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    for t, ref in zip(leaves, want_grads, strict=True):
+        torch.testing.assert_close(t.grad, ref, rtol=1e-10, atol=1e-10)
 
 
 def counted(calls: dict[str, int], name: str, fn):
