@@ -94,3 +94,20 @@ def test_a_fresh_interpreter_run_equals_the_forked_run(quick_out: Path, tmp_path
     assert fresh["losses"] == forked["losses"] and fresh["grad_norms"] == forked["grad_norms"]
     assert fresh["val_loss"] == forked["val_loss"] and fresh["accuracy"] == forked["accuracy"]
     assert fresh["peak_mib"] > forked["peak_mib"] + 50
+
+
+def test_a_failed_run_stops_the_benchmark_with_its_name(quick_out: Path, tmp_path: Path) -> None:
+    """A run whose process fails (here: its model folder is gone) stops the benchmark with a message naming the
+    run and its exit code, and leaves no result behind."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import compare
+    from headtohead.training import RunConfig
+
+    config = json.loads(next((quick_out / "runs").glob("lora-r4-lr*.json")).read_text())["config"]
+    bad = RunConfig(**{**config, "model_dir": str(tmp_path / "no-such-model")})
+    result = tmp_path / "failed.json"
+    with pytest.raises(
+        SystemExit, match=r"^run lora-r4-lr[0-9.e-]+-s0 failed \(exit code 1\); see its output above$"
+    ):
+        compare.launch(bad, result, processes=None)
+    assert not result.exists()
