@@ -21,6 +21,13 @@ base is frozen). SoKA term, cheaper contraction order: ``c = min(n·p·(q+m), m�
 ``2c`` backward (input and factor grads; SoKA's autograd function recomputes the first product in backward,
 ``n·p·q`` or ``m·q·n`` more, which the share does not count; LoRA-like shapes keep it instead). LoRA rank:
 ``in + out`` forward, ``2(in + out)`` backward.
+
+The FLOP share above is what an adapter that keeps its ``r·n·p``-per-token intermediate for backward needs.
+Keeping nothing, as SoKA's factored forward does, needs at least one more first product per term and token:
+the backward then takes five products, whichever order it runs them in (``dX = Aᵀ·dY·B`` takes two, ``dA`` one
+more on either of its intermediates, ``dB`` two that share nothing with them). The "executed" columns count
+those FLOPs, which are the ones SoKA runs; they answer how efficiently its products run, where the share above
+also charges the choice to keep no activations.
 """
 
 from __future__ import annotations
@@ -175,7 +182,10 @@ def bench_layers(
         shape = balanced_shape(out_f, in_f)
         lora_params = lora_rank * (in_f + out_f)
         soka_rank = max(1, round(lora_params / (shape.params_per_term + 1)))
-        cost = min(contraction_costs(shape.m, shape.n, shape.p, shape.q))
+        b_first, a_first = contraction_costs(shape.m, shape.n, shape.p, shape.q)
+        cost = min(b_first, a_first)
+        # the first product, recomputed in backward: X·B_kᵀ (n·q·p) or A_k·X (m·n·q)
+        recompute = shape.m * shape.n * shape.q if a_first < b_first else shape.n * shape.p * shape.q
         base_macs = 2 * out_f * in_f
         soka = get_peft_model(
             OneLinear(out_f, in_f, bias).to(device, dtype),
@@ -217,6 +227,11 @@ def bench_layers(
                 3 * lora_rank * (in_f + out_f),
             ),
         }
+        # FLOPs each model runs where they differ from the share's count: the factored forward recomputes its
+        # first product; the dense forward's cost is not per token and has no entry
+        executed = {name: macs for name, (_, macs) in models.items()}
+        executed[soka_name] = soka_rank * (3 * cost + recompute)
+        executed[f"{soka_name}, dense forward"] = 0
         lead = (2, tokens // 2) if bias else (tokens,)
         if compile_models:
             torch._dynamo.reset()
@@ -233,6 +248,7 @@ def bench_layers(
             # best rounds: interference from other work only ever adds time, so each model's fastest round is
             # the closest to its own cost (timeit's reasoning); a second estimate beside the paired median
             best_share = min(rounds) / min(base_rounds) - 1.0
+            executed_share = executed[name] / base_macs
             rows.append(
                 {
                     "layer": f"{out_f}x{in_f}",
@@ -246,6 +262,8 @@ def bench_layers(
                     "best_ms": min(rounds) * 1e3,
                     "extra_time_best": best_share,
                     "ratio_best": (best_share / flop_share) if flop_share > 0 else float("nan"),
+                    "executed_flops": executed_share,
+                    "ratio_executed": (time_share / executed_share) if executed_share > 0 else float("nan"),
                     "saved_mib": nbytes / 2**20,
                     "peak_mib": peak,
                 }
@@ -333,9 +351,9 @@ def print_layers(args: argparse.Namespace, device: torch.device) -> None:
         f"\n### Forward+backward, {args.tokens} tokens, {args.dtype}, {args.repeats} interleaved rounds{biased}\n"
     )
     print(
-        "| layer | method | trainable | ms | extra time vs base | range over rounds | extra FLOPs vs base | time/FLOP share | best ms | best: extra time | best: time/FLOP share | saved activations MiB (besides x) | CUDA peak MiB |"
+        "| layer | method | trainable | ms | extra time vs base | range over rounds | extra FLOPs vs base | time/FLOP share | best ms | best: extra time | best: time/FLOP share | executed extra FLOPs | time/executed-FLOP share | saved activations MiB (besides x) | CUDA peak MiB |"
     )
-    print("|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in bench_layers(
         args.tokens,
         DTYPES[args.dtype],
@@ -349,10 +367,13 @@ def print_layers(args: argparse.Namespace, device: torch.device) -> None:
         # no ratio for the base itself, nor where the median round was not slower than the base (noise)
         ratio = "–" if math.isnan(r["ratio"]) or r["extra_time"] <= 0 else f"{r['ratio']:.2f}"
         best = "–" if math.isnan(r["ratio_best"]) or r["extra_time_best"] <= 0 else f"{r['ratio_best']:.2f}"
+        run = "–" if math.isnan(r["ratio_executed"]) or r["extra_time"] <= 0 else f"{r['ratio_executed']:.2f}"
+        executed = f"{r['executed_flops']:.1%}" if r["executed_flops"] > 0 or r["extra_flops"] == 0 else "–"
         print(
             f"| {r['layer']} | {r['method']} | {r['trainable']:,} | {r['ms']:.1f} | {r['extra_time']:+.1%} | "
             f"{r['extra_range'][0]:+.0%} … {r['extra_range'][1]:+.0%} | "
             f"{r['extra_flops']:.1%} | {ratio} | {r['best_ms']:.1f} | {r['extra_time_best']:+.1%} | {best} | "
+            f"{executed} | {run} | "
             f"{r['saved_mib']:.0f} | {r['peak_mib']:.0f} |"
         )
 

@@ -106,3 +106,31 @@ def test_option_rows_run_and_bound_saved_memory(options, bound_mib) -> None:
     input-sized copy, so not 0); that the compiled dense mode keeps no ``W + ΔW`` is tested on the layer."""
     soka = small_layer_soka_rows(**options)
     assert all(r["saved_mib"] < bound_mib for r in soka), [(r["method"], r["saved_mib"]) for r in soka]
+
+
+def test_executed_flops_count_the_recomputed_first_product(monkeypatch) -> None:
+    """On a 64x64 layer (shape [8, 8, 8, 8], r = 2 at LoRA r = 2's parameters) a SoKA term costs
+    c = 8·8·(8 + 8) = 1024 multiply-adds per token each way and 2c in backward, plus the recomputed first
+    product 8·8·8 = 512, against the base's 2·64·64 = 8192: shares 3·2·1024/8192 = 0.75 counted and
+    2·(3·1024 + 512)/8192 = 0.875 executed. Rows that keep their intermediate execute what is counted."""
+    import torch
+
+    bench_layer = bench_layer_module()
+
+    def fake_time_models(models, x, grad, repeats):
+        return {name: ([1.0 if name == "frozen base" else 2.0], 0, 0.0) for name in models}
+
+    monkeypatch.setattr(bench_layer, "time_models", fake_time_models)
+    rows = {
+        r["method"]: r
+        for r in bench_layer.bench_layers(64, torch.float32, torch.device("cpu"), 1, [(64, 64)], 2)
+    }
+    factored = rows["SoKA r=2 [8, 8, 8, 8]"]
+    assert factored["extra_flops"] == 0.75
+    assert factored["executed_flops"] == 0.875
+    assert factored["ratio_executed"] == pytest.approx(1.0 / 0.875)
+    plain = rows["SoKA r=2 [8, 8, 8, 8], plain autograd"]
+    assert plain["executed_flops"] == plain["extra_flops"] == 0.75
+    assert rows["SoKA r=2 [8, 8, 8, 8], dense forward"]["executed_flops"] == 0
+    lora = rows["LoRA r=2"]
+    assert lora["executed_flops"] == lora["extra_flops"] == 3 * 2 * 128 / 8192
