@@ -5,7 +5,7 @@ fresh tensor and into a reused one (the dense forward's CPU buffer), and the fac
 (``kron_apply``, its two products) over ``--tokens`` tokens. The last column converts the reused build's time
 per weight element into multiply-adds at the factored product's measured rate: the number of multiply-adds
 the dense forward's cost rule should charge per element formed. Prints a markdown table (medians of
-``--repeats`` timings after a warm-up).
+``--repeats`` timings after a warm-up; three significant digits or more, so a slow host never prints 0).
 
     python benchmarks/bench_dense_weight.py
 """
@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from table_format import significant
 
 from axolotl_soka.kron import contraction_costs, effective_weight, kron_apply
 
@@ -53,10 +54,10 @@ def measure(
     factored = seconds(lambda: kron_apply(x, A, B), repeats)
     rate = tokens * r * min(contraction_costs(m, n, p, q)) / factored / 1e9  # GMAC/s of both products
     elements = out_f * in_f
-    return (
-        f"| {out_f}x{in_f} | {r} {list(shape)} | {fresh * 1e3:.1f} | {fresh / elements * 1e9:.2f} | "
-        f"{reused * 1e3:.1f} | {reused / elements * 1e9:.2f} | {rate:.1f} | {reused / elements * rate * 1e9:.0f} |"
-    )
+    fresh_ns, reused_ns = fresh / elements * 1e9, reused / elements * 1e9
+    # the last column: ns per element × GMAC/s = multiply-adds per element
+    cells = (fresh * 1e3, fresh_ns, reused * 1e3, reused_ns, rate, reused_ns * rate)
+    return f"| {out_f}x{in_f} | {r} {list(shape)} | " + " | ".join(significant(c) for c in cells) + " |"
 
 
 def main() -> None:

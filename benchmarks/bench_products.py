@@ -4,7 +4,8 @@
 For one token chunk of a balanced LLaMA-7B 4096² layer (``--chunk`` tokens, ``[64, 64, 64, 64]``, r = 8) each
 backward product is timed in the layout the function used before and in the one it uses now; for the
 LoRA-like shape ``(4096, 1, 1, 4096)`` at r = 8 over 2048 tokens, the two orientations of the factor-gradient
-accumulation. Prints a markdown table of GMAC/s (median of ``--repeats`` timings of ``--calls`` calls each).
+accumulation. Prints a markdown table of GMAC/s (median of ``--repeats`` timings of ``--calls`` calls each;
+three significant digits or more, so a slow host never prints 0).
 
     python benchmarks/bench_products.py
 """
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from table_format import significant
 
 
 def rate(fn: Callable[[], object], macs: int, calls: int, repeats: int) -> float:
@@ -67,7 +69,8 @@ def main() -> None:
     print("| shape | product | layout | GMAC/s |")
     print("|---|---|---|---:|")
     for product, layout, fn in products:
-        print(f"| 4096² balanced | {product} | {layout} | {rate(fn, macs, args.calls, args.repeats):.1f} |")
+        gmacs = rate(fn, macs, args.calls, args.repeats)
+        print(f"| 4096² balanced | {product} | {layout} | {significant(gmacs)} |")
     tokens, out_f, rank = 2048, 4096, 8
     dy, z = torch.randn(tokens, out_f), torch.randn(tokens, rank)
     tall, wide = torch.zeros(out_f, rank), torch.zeros(rank, out_f)
@@ -77,7 +80,7 @@ def main() -> None:
         ("wide: (8, 4096) += Zᵀ · dY", lambda: wide.addmm_(z.T, dy)),
     ):
         gmacs = rate(fn, lora_macs, max(1, args.calls // 10), args.repeats)
-        print(f"| 4096² LoRA-like, 2048 tokens | dA accumulation | {layout} | {gmacs:.1f} |")
+        print(f"| 4096² LoRA-like, 2048 tokens | dA accumulation | {layout} | {significant(gmacs)} |")
 
 
 if __name__ == "__main__":

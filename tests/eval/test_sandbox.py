@@ -4,11 +4,17 @@ What these tests check is what the sandbox guarantees: a wall-clock timeout that
 process group, memory/file-size limits, a prelude that blocks process creation, sockets and writes
 outside the working directory through the usual APIs. They do not claim an OS-level sandbox: the
 prelude is best effort (see ``axolotl_soka.eval.sandbox``).
+
+No outcome here depends on the host's speed: a program expected to fail or pass for another reason gets the
+default 10 s limit (it needs well under a second), so a slow or loaded host cannot turn its verdict into a
+timeout; a program expected to time out is checked by its verdict and by its process being gone, not by how
+long the run took.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -22,17 +28,35 @@ RECORD = {"task_id": 0, "text": "t", "test_setup_code": "", "test_list": ["asser
 GOOD = "def f():\n    return 1\n[DONE]"
 
 
-def _fails(code: str, timeout: float = 3.0) -> str:
+def _fails(code: str, timeout: float = 10.0) -> str:
     verdict = score("mbpp", code, RECORD, timeout=timeout)
     assert verdict.correct is False
     assert verdict.error
     return verdict.error
 
 
+def _wait_until_gone(pid: int, within: float = 30.0) -> None:
+    """Fail unless process ``pid`` has exited (or is a zombie) within ``within`` seconds. A SIGKILL'd process
+    exits at once; the generous bound only tells a kill that never happened from a host that is busy."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().split(") ")[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            return
+        if state in ("Z", "X"):
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"process {pid} of a timed-out program is still running")
+        time.sleep(0.1)
+
+
 def test_infinite_loop_times_out() -> None:
-    start = time.monotonic()
-    assert "timeout" in _fails("def f():\n    while True:\n        pass\n", timeout=2)
-    assert time.monotonic() - start < 15
+    """The wall-clock limit ends an endless loop: the result says so, and the program's process was killed
+    (SIGKILL) and reaped. How long the run took is not checked: a loaded host only makes it longer."""
+    result = run_program("def f():\n    while True:\n        pass\nf()\n", Limits(timeout_s=2))
+    assert result.timed_out and not result.passed and result.error == "timeout after 2 s"
+    assert result.returncode == -signal.SIGKILL  # killed by the sandbox and waited for: nothing left running
 
 
 @pytest.mark.parametrize(
@@ -114,23 +138,15 @@ def test_timeout_kills_the_process_group(tmp_path: Path) -> None:
         "import ctypes, io, time\n"
         "pid = ctypes.CDLL(None).fork()\n"
         "if pid == 0:\n    time.sleep(300)\n"
-        f"elif pid > 0:\n    io.FileIO({str(pid_file)!r}, 'w').write(str(pid).encode())\n"
+        f"else:\n    io.FileIO({str(pid_file)!r}, 'w').write(str(pid).encode())\n"
         "while True:\n    pass\n"
     )
-    result = run_program(code, Limits(timeout_s=3))
+    result = run_program(code, Limits())
     assert result.timed_out and not result.passed
-    if not pid_file.exists():  # the fork itself was refused (RLIMIT_NPROC for an unprivileged user)
-        return
-    pid = int(pid_file.read_text())
-    for _ in range(50):
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().split(") ")[1].split()[0]
-        except (FileNotFoundError, ProcessLookupError):
-            return
-        if state in ("Z", "X"):
-            return
-        time.sleep(0.1)
-    pytest.fail(f"child {pid} of a timed-out program is still running")
+    pid = int(pid_file.read_text())  # written within the default limit, however loaded the host
+    if pid < 0:
+        pytest.skip("the fork itself was refused (RLIMIT_NPROC for an unprivileged user)")
+    _wait_until_gone(pid)
 
 
 def test_adversarial_programs_do_not_harm_the_run() -> None:
@@ -142,5 +158,7 @@ def test_adversarial_programs_do_not_harm_the_run() -> None:
         "import sys\nsys.exit(0)",
     ]
     completions = [GOOD, *bad, GOOD]
-    verdicts = score_many("mbpp", completions, [RECORD] * len(completions), workers=3, timeout=2)
+    # the default 10 s limit: the good programs share the CPUs with the endless loop and must not time out
+    verdicts = score_many("mbpp", completions, [RECORD] * len(completions), workers=3)
     assert [v.correct for v in verdicts] == [True, False, False, False, False, True]
+    assert verdicts[1].error == "timeout after 10 s"

@@ -11,9 +11,12 @@ from axolotl_soka.prompts import build_target
 
 
 def test_reference_programs_pass(mbpp_test: list[dict]) -> None:
-    """All 500 test-split reference programs, 4 sandboxed processes at a time; at least 99% pass."""
+    """All 500 test-split reference programs, 4 sandboxed processes at a time; at least 99% pass.
+
+    The limit per program is a hang guard, far above what any needs: task 123 takes about 5 s alone on a
+    2-core CPU, half the default 10 s, so a loaded host could otherwise time it out."""
     completions = [build_target("mbpp", r) for r in mbpp_test]
-    verdicts = score_many("mbpp", completions, mbpp_test, workers=4)
+    verdicts = score_many("mbpp", completions, mbpp_test, workers=4, timeout=60)
     failed = [(r["task_id"], v.error) for r, v in zip(mbpp_test, verdicts, strict=True) if not v.correct]
     assert len(mbpp_test) == 500
     assert len(failed) <= 5, failed
