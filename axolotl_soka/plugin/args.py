@@ -12,9 +12,13 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field, model_validator
-
 from ..prompts import TASKS
+from .extras import missing_extra
+
+try:
+    from pydantic import BaseModel, Field, model_validator
+except ImportError as exc:  # pydantic comes with axolotl, not with the core package
+    raise missing_extra(exc, "pydantic") from exc
 
 ADAPTER_NAME = "soka"
 
@@ -43,6 +47,8 @@ KEY_TO_FIELD: dict[str, str] = {
     "soka_param_budget": "param_budget",
     "soka_init_source": "init_source",
 }
+# SoKA key -> Axolotl key whose value (as written in the config) it takes when unset
+AXOLOTL_FALLBACK: dict[str, str] = {"soka_seed": "seed"}
 FIELD_TO_KEY = {field: key for key, field in KEY_TO_FIELD.items()}
 _FIELD_RE = re.compile(
     r"(?<![\w.\-])(" + "|".join(sorted(FIELD_TO_KEY, key=len, reverse=True)) + r")(?![\w\-])"
@@ -105,6 +111,24 @@ def check_soka_keys(data: dict[str, Any]) -> None:
             "ZeRO-3 or FSDP); allowed there: leave soka_eval_task unset and evaluate the saved adapter with "
             "python -m axolotl_soka.eval"
         )
+
+
+def apply_axolotl_fallbacks(data: dict[str, Any]) -> None:
+    """Give each unset SoKA key in ``AXOLOTL_FALLBACK`` the value of its Axolotl key, e.g. ``soka_seed`` from
+    ``seed``. Runs on the raw config: Axolotl's validation later fills an unset ``seed`` with 42, which must not
+    count as set (neither key set: ``SokaConfig``'s default 0)."""
+    for key, source in AXOLOTL_FALLBACK.items():
+        value = data.get(source)
+        if data.get(key) is not None or value is None:
+            continue
+        try:
+            _core_config({KEY_TO_FIELD[key]: value})
+        except (ValueError, TypeError) as exc:
+            raise ValueError(
+                f"{source}={value!r} is invalid as the default of {key}: {rename_fields(str(exc))}; "
+                f"set {key} explicitly"
+            ) from None
+        data[key] = value
 
 
 def _zero_stage(deepspeed: Any) -> int | None:
@@ -196,8 +220,10 @@ class SokaArgs(BaseModel):
     soka_svd: str = Field(default="lowrank", description="full SVD or lowrank (seeded randomized SVD).")
     soka_svd_niter: int = Field(default=8, description="Power iterations of the randomized SVD (>= 0).")
     soka_svd_oversample: int = Field(default=10, description="Extra columns of the randomized SVD (>= 0).")
-    soka_seed: int = Field(
-        default=0, description="Seed of the randomized SVD and of zero-init factors (>= 0)."
+    soka_seed: int | None = Field(
+        default=None,
+        description="Seed of the randomized SVD and of zero-init factors (>= 0). Default: the config's seed "
+        "when set, else 0.",
     )
     soka_sigma_mode: str = Field(
         default="separate",
@@ -264,5 +290,6 @@ class SokaArgs(BaseModel):
         if not isinstance(data, dict) or data.get("adapter") != ADAPTER_NAME:
             return data
         check_soka_keys(data)
+        apply_axolotl_fallbacks(data)
         check_axolotl_keys(data)
         return data

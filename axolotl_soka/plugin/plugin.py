@@ -8,16 +8,30 @@ paths apply unchanged. Every hook does nothing unless ``adapter: soka``.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
-from axolotl.integrations.base import AdapterCapabilities, BasePlugin
-
 from .args import ADAPTER_NAME, KEY_TO_FIELD
+from .extras import missing_extra
+
+try:
+    from axolotl.integrations.base import AdapterCapabilities, BasePlugin
+except ImportError as exc:  # axolotl is an optional dependency (the ``axolotl`` extra)
+    raise missing_extra(exc, "axolotl") from exc
 
 LOG = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
+
+# The DeepSpeed settings Axolotl's ``setup_deepspeed_env`` exports for a ``deepspeed:`` config, which the model
+# loader reads back (it also sets the accumulation steps and, on one process, the rank variables: harmless).
+DEEPSPEED_ENV = (
+    "ACCELERATE_USE_DEEPSPEED",
+    "ACCELERATE_DEEPSPEED_CONFIG_FILE",
+    "ACCELERATE_DEEPSPEED_ZERO_STAGE",
+    "ACCELERATE_DEEPSPEED_ZERO3_INIT",
+)
 
 
 def _is_soka(cfg: Any) -> bool:
@@ -41,7 +55,8 @@ def target_modules(cfg: Any) -> list[str] | str | None:
 
 
 def soka_config_from_cfg(cfg: Any) -> Any:
-    """A fresh (unresolved) ``SokaConfig`` from the validated Axolotl config."""
+    """A fresh (unresolved) ``SokaConfig`` from the validated Axolotl config (unset keys: ``SokaConfig``'s
+    defaults; ``soka_seed`` took the YAML's ``seed`` at validation, see ``apply_axolotl_fallbacks``)."""
     from ..tuner.config import SokaConfig
 
     kwargs = {field: cfg[key] for key, field in KEY_TO_FIELD.items() if cfg.get(key) is not None}
@@ -84,6 +99,21 @@ def check_ranks_agree(rank_pattern: dict[str, int]) -> None:
         )
 
 
+def clear_stale_deepspeed_env() -> None:
+    """Remove ``DEEPSPEED_ENV`` from the environment, for a merge that runs without DeepSpeed.
+
+    ``axolotl.cli.merge_lora`` loads the YAML twice in one process: first as written (a ``deepspeed:`` ZeRO-3
+    config exports ``ACCELERATE_DEEPSPEED_ZERO_STAGE=3``), then with ``deepspeed=None`` and ``merge_lora=True``
+    for the merge, whose model loader reads the stage back and builds ``HfTrainerDeepSpeedConfig(None)`` (a
+    ``TypeError``). A SoKA merge (``merge_method: legacy``) loads the model on one process without DeepSpeed.
+    """
+    stale = [key for key in DEEPSPEED_ENV if key in os.environ]
+    for key in stale:
+        del os.environ[key]
+    if stale:
+        LOG.info("SoKA merge runs without DeepSpeed: removed %s from the environment", ", ".join(stale))
+
+
 class SokaPlugin(BasePlugin):
     """Axolotl plugin for SoKA; see ``docs/plugin.md`` for the YAML keys."""
 
@@ -93,6 +123,17 @@ class SokaPlugin(BasePlugin):
                 "SokaPlugin is enabled but adapter is %r; set `adapter: soka` to train SoKA. The plugin does nothing.",
                 cfg.get("adapter"),
             )
+            return
+        fp32_gradients = cfg.get("lora_fp32_gradients")
+        if fp32_gradients:
+            # Raised here, before validation: Axolotl 0.21's own check only says it "requires a LoRA adapter".
+            raise ValueError(
+                f"lora_fp32_gradients={fp32_gradients!r} does not apply to adapter: soka: SoKA's factors and "
+                "their gradients are always fp32 (cast to the compute dtype only inside the forward); remove "
+                "lora_fp32_gradients from the config"
+            )
+        if cfg.get("merge_lora") and not cfg.get("deepspeed"):
+            clear_stale_deepspeed_env()
 
     def get_input_args(self) -> str:
         return "axolotl_soka.plugin.args.SokaArgs"

@@ -49,8 +49,8 @@ def coalesced_gather_is_safe() -> bool:
     threads: the earlier gathers may still be writing into their buffers after the call returns. On a CPU this
     corrupted weights in about half the runs of a 2-process test (a module with a weight and a bias, gathered
     together, as transformers' ZeRO-3 loading does); gathered one at a time, or with DeepSpeed's
-    ``stage3_allgather_sequential: true``, never. DeepSpeed pull request #8539 fixes this upstream; 0.18.9,
-    the newest release the pinned axolotl allows, still has it."""
+    ``stage3_allgather_sequential: true``, never. DeepSpeed 0.19.8 (the Python 3.12 stack) waits on every
+    transfer (pull request #8539); 0.18.9 (axolotl 0.19's) does not, so gloo keeps one gather at a time."""
     return not (dist.is_available() and dist.is_initialized()) or dist.get_backend() == "nccl"
 
 

@@ -24,7 +24,7 @@ def partitioned(count: int) -> list[torch.Tensor]:
 @pytest.fixture
 def calls(monkeypatch):
     """Records each ``deepspeed.zero.GatheredParameters`` context: ``(event, ds_ids, modifier_rank)``, through a
-    stand-in ``deepspeed`` module (so this runs where DeepSpeed is not installed, as in the core-only env)."""
+    stand-in ``deepspeed`` module (so this also runs where DeepSpeed is not installed)."""
     events: list[tuple[str, list[int], int | None]] = []
 
     @contextlib.contextmanager

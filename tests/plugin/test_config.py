@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -176,3 +177,27 @@ def test_processes_must_agree_on_ranks(monkeypatch):
     check_ranks_agree(dict(other))  # same ranks everywhere: fine
     with pytest.raises(RuntimeError, match=r"different ranks.*q_proj: \[4, 3\].*soka_rank_pattern"):
         check_ranks_agree({"model.layers.0.self_attn.q_proj": 4})
+
+
+@pytest.mark.parametrize(
+    ("raw", "cleared"),
+    [
+        ({"adapter": "soka", "merge_lora": True, "deepspeed": None}, True),  # merge_lora's second load
+        ({"adapter": "soka", "merge_lora": True, "deepspeed": "zero3.json"}, False),  # its first load
+        ({"adapter": "soka", "deepspeed": None}, False),  # training
+        ({"adapter": "lora", "merge_lora": True, "deepspeed": None}, False),  # not SoKA
+    ],
+)
+def test_merge_clears_the_deepspeed_settings_an_earlier_load_exported(monkeypatch, raw, cleared):
+    """``merge_lora`` loads the YAML with ``deepspeed:`` and then without it: at the second load the plugin
+    removes what the first exported (the model loader would read ``ACCELERATE_DEEPSPEED_ZERO_STAGE=3`` back),
+    and touches the environment nowhere else."""
+    from axolotl_soka.plugin.plugin import DEEPSPEED_ENV, SokaPlugin
+
+    for key in DEEPSPEED_ENV:
+        monkeypatch.setenv(key, "3")
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
+    SokaPlugin().register(dict(raw))
+    left = [key for key in DEEPSPEED_ENV if key in os.environ]
+    assert left == ([] if cleared else list(DEEPSPEED_ENV))
+    assert os.environ["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] == "4"
