@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import math
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from ..prompts import STOP_STRINGS, TASKS, build_prompt
@@ -70,8 +72,15 @@ def validate(args: argparse.Namespace) -> tuple[model_mod.ModelSpec, data_mod.Da
     ):
         if value is not None and value < 1:
             raise EvalInputError(f"{flag}: must be an integer >= 1, got {value}")
-    if args.timeout <= 0:
-        raise EvalInputError(f"--timeout: must be > 0 seconds, got {args.timeout}")
+    if not math.isfinite(args.timeout) or args.timeout <= 0:
+        raise EvalInputError(f"--timeout: must be a finite number of seconds > 0, got {args.timeout}")
+    output = Path(output_path(args))
+    if output.is_dir():
+        # Checked up front: the results are first written only after the first generated batch.
+        raise EvalInputError(
+            f"--output: {output} is an existing directory; allowed: a file path, "
+            f"e.g. --output {output / f'results_{args.task}.json'}"
+        )
     if args.dtype not in model_mod.DTYPES:
         raise EvalInputError(f"--dtype: unknown dtype {args.dtype!r}; allowed: {', '.join(model_mod.DTYPES)}")
     if args.backend not in BACKENDS:
@@ -85,6 +94,11 @@ def validate(args: argparse.Namespace) -> tuple[model_mod.ModelSpec, data_mod.Da
             "--backend vllm: needs vllm, a CUDA GPU, no --gguf-file and no adapter or a LoRA one"
         )
     return spec, dataset
+
+
+def output_path(args: argparse.Namespace) -> str:
+    """``--output``, else ``results_<task>.json``."""
+    return args.output or f"results_{args.task}.json"
 
 
 def _vllm_possible(spec: model_mod.ModelSpec) -> bool:
@@ -150,7 +164,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "seed": args.seed,
         },
     }
-    writer = ResultWriter(args.output or f"results_{args.task}.json", summary, total=len(prompts))
+    writer = ResultWriter(output_path(args), summary, total=len(prompts))
     batches = _completions(args, spec, prompts, backend)
     try:
         with tqdm(total=len(prompts), desc=args.task, unit="item", file=sys.stderr) as bar:

@@ -131,6 +131,11 @@ def load(task: str, source: str | None = None, limit: int | None = None, mbpp_sp
             raise EvalInputError(f"--data: {source} is not valid JSON lines: {exc}") from exc
     else:
         records = _read_hub(task, source)
+    if not records:
+        raise EvalInputError(
+            f"--data: {source} has no records; allowed: a .jsonl file with one JSON object per line, a .json "
+            "list of objects, or a Hub dataset name"
+        )
     ids = [_record_id(task, r, i) for i, r in enumerate(records)]
     if task == "mbpp":
         records = [_normalise_mbpp(r) for r in records]

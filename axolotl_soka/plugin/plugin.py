@@ -7,12 +7,13 @@ paths apply unchanged. Every hook does nothing unless ``adapter: soka``.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
-from .args import ADAPTER_NAME, KEY_TO_FIELD
+from .args import ADAPTER_NAME, KEY_TO_FIELD, SokaArgs
 from .extras import missing_extra
 
 try:
@@ -32,6 +33,49 @@ DEEPSPEED_ENV = (
     "ACCELERATE_DEEPSPEED_ZERO_STAGE",
     "ACCELERATE_DEEPSPEED_ZERO3_INIT",
 )
+
+
+PREFIX = "soka_"  # of every YAML key the plugin defines
+
+# LoRA keys that ``adapter: soka`` would silently ignore -> the SoKA key(s) to use instead. The LoRA keys the
+# plugin honours (lora_target_modules, lora_target_linear, lora_modules_to_save, lora_model_dir) stay allowed.
+LORA_REPLACEMENTS: dict[str, tuple[str, ...]] = {
+    "lora_r": ("soka_max_rank", "soka_param_budget"),
+    "lora_alpha": ("soka_alpha",),
+    "lora_dropout": ("soka_dropout",),
+}
+
+
+def soka_keys() -> list[str]:
+    """The ``soka_*`` YAML keys the plugin defines: the fields of ``SokaArgs``."""
+    return list(SokaArgs.model_fields)
+
+
+def written_soka_keys(cfg: Any) -> list[str]:
+    """The ``soka_*`` keys of a raw config that have a value."""
+    return [key for key in cfg if isinstance(key, str) and key.startswith(PREFIX) and cfg[key] is not None]
+
+
+def check_written_keys(cfg: Any) -> None:
+    """Reject, in a raw ``adapter: soka`` config, unknown ``soka_*`` keys (typos) and the LoRA keys in
+    ``LORA_REPLACEMENTS``; raise ``ValueError`` naming the key, its value and what to use instead."""
+    known = soka_keys()
+    unknown = []
+    for key in cfg:
+        if isinstance(key, str) and key.startswith(PREFIX) and key not in known:
+            # Compared without the shared prefix, which would make any soka_* name look close to every key.
+            close = difflib.get_close_matches(key[len(PREFIX) :], [k[len(PREFIX) :] for k in known], n=1)
+            hint = f" (did you mean {PREFIX}{close[0]}?)" if close else ""
+            unknown.append(f"unknown key {key}={cfg[key]!r}{hint}")
+    if unknown:
+        raise ValueError("; ".join(unknown) + "; the SoKA keys are listed in docs/plugin.md")
+    for key, replacements in LORA_REPLACEMENTS.items():
+        value = cfg.get(key)
+        if value is not None:
+            raise ValueError(
+                f"{key}={value!r} is ignored with adapter: soka (it configures LoRA); use "
+                f"{' or '.join(replacements)} instead, and remove {key} from the config"
+            )
 
 
 def _is_soka(cfg: Any) -> bool:
@@ -118,12 +162,17 @@ class SokaPlugin(BasePlugin):
     """Axolotl plugin for SoKA; see ``docs/plugin.md`` for the YAML keys."""
 
     def register(self, cfg: dict) -> None:
+        """Check the raw YAML (as written, before Axolotl's validation fills defaults)."""
         if cfg.get("adapter") != ADAPTER_NAME:
+            ignored = written_soka_keys(cfg)
             LOG.warning(
-                "SokaPlugin is enabled but adapter is %r; set `adapter: soka` to train SoKA. The plugin does nothing.",
+                "SokaPlugin is enabled but adapter is %r; set `adapter: soka` to train SoKA. The plugin does "
+                "nothing%s.",
                 cfg.get("adapter"),
+                f"; these keys are ignored: {', '.join(ignored)}" if ignored else "",
             )
             return
+        check_written_keys(cfg)
         fp32_gradients = cfg.get("lora_fp32_gradients")
         if fp32_gradients:
             # Raised here, before validation: Axolotl 0.21's own check only says it "requires a LoRA adapter".

@@ -135,3 +135,31 @@ def test_unreachable_hub_dataset(capsys: pytest.CaptureFixture[str], base_dir: P
         capsys, ["--task", "gsm8k", "--base-model", str(base_dir), "--data", "nobody/no-such-dataset"]
     )
     assert "--data" in err and "could not load" in err
+
+
+@pytest.mark.parametrize(("task", "text"), [("gsm8k", ""), ("mbpp", "\n\n"), ("math", "[]")])
+def test_empty_data_file(
+    capsys: pytest.CaptureFixture[str], base_dir: Path, tmp_path: Path, task: str, text: str
+) -> None:
+    data = tmp_path / ("empty.json" if text == "[]" else "empty.jsonl")
+    data.write_text(text)
+    err = _error(capsys, ["--task", task, "--base-model", str(base_dir), "--data", str(data)])
+    assert "--data" in err and "has no records" in err and str(data) in err
+
+
+def test_output_is_an_existing_directory(
+    capsys: pytest.CaptureFixture[str], base_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "results"
+    out.mkdir()
+    err = _error(capsys, ["--task", "gsm8k", "--base-model", str(base_dir), "--output", str(out)])
+    assert "--output" in err and "existing directory" in err and str(out / "results_gsm8k.json") in err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "0", "-1"])
+def test_timeout_must_be_finite_and_positive(
+    capsys: pytest.CaptureFixture[str], base_dir: Path, value: str
+) -> None:
+    # ``--timeout=VALUE``: argparse would take a separate ``-inf`` for an option
+    err = _error(capsys, ["--task", "mbpp", "--base-model", str(base_dir), f"--timeout={value}"])
+    assert "--timeout" in err and "finite number of seconds > 0" in err

@@ -117,6 +117,75 @@ def test_plugin_without_adapter_soka_warns_and_does_nothing(make_config, no_mode
     assert plugin.add_callbacks_post_trainer(cfg, object()) == []
 
 
+def test_plugin_without_adapter_soka_names_the_ignored_keys(make_config, no_model_load, caplog):
+    with caplog.at_level(logging.WARNING, logger="axolotl_soka"):
+        load(make_config(adapter="lora", lora_r=4, soka_elbow_mode="curvature", soka_eval_task=None))
+    warning = next(r.getMessage() for r in caplog.records if "set `adapter: soka`" in r.getMessage())
+    assert "adapter is 'lora'" in warning
+    ignored = warning.split("these keys are ignored: ")[1].rstrip(".").split(", ")
+    assert sorted(ignored) == [
+        "soka_elbow_mode",
+        "soka_max_rank",
+        "soka_svd",
+    ]  # soka_eval_task: written empty
+
+
+@pytest.mark.parametrize(
+    ("key", "hint"),
+    [
+        ("soka_energy_treshold", " (did you mean soka_energy_threshold?)"),
+        ("soka_max_ranks", " (did you mean soka_max_rank?)"),
+        ("soka_zzz", ""),  # nothing close: no suggestion
+    ],
+)
+def test_unknown_soka_key_is_rejected_with_a_suggestion(make_config, no_model_load, key, hint):
+    with pytest.raises(ValueError) as info:
+        load(make_config(**{key: 0.5}))
+    expected = f"unknown key {key}=0.5{hint}; the SoKA keys are listed in docs/plugin.md"
+    assert expected in str(info.value), str(info.value)
+
+
+def test_every_plugin_key_is_known(make_config, no_model_load):
+    from axolotl_soka.plugin.args import SokaArgs
+    from axolotl_soka.plugin.plugin import soka_keys
+
+    assert soka_keys() == list(SokaArgs.model_fields)
+    cfg = load(make_config(soka_report=False, soka_calibration_batches=2, soka_eval_data=None))
+    assert cfg.soka_report is False and cfg.soka_calibration_batches == 2
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "instead"),
+    [
+        ("lora_r", 16, "use soka_max_rank or soka_param_budget instead"),
+        ("lora_alpha", 32, "use soka_alpha instead"),
+        ("lora_dropout", 0.05, "use soka_dropout instead"),
+    ],
+)
+def test_ignored_lora_key_is_rejected(make_config, no_model_load, key, value, instead):
+    from axolotl_soka.plugin.args import SokaArgs
+    from axolotl_soka.plugin.plugin import LORA_REPLACEMENTS
+
+    assert all(k in SokaArgs.model_fields for k in LORA_REPLACEMENTS[key])
+    with pytest.raises(ValueError) as info:
+        load(make_config(**{key: value}))
+    message = str(info.value)
+    for fragment in [f"{key}={value!r} is ignored with adapter: soka", instead, f"remove {key}"]:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+def test_lora_keys_the_plugin_reads_stay_allowed(make_config, no_model_load):
+    cfg = load(
+        make_config(
+            lora_target_modules=["q_proj"],
+            lora_modules_to_save=["lm_head"],
+            lora_r=None,  # written empty: nothing to ignore
+            lora_dropout=None,
+        )
+    )
+    assert cfg.lora_target_modules == ["q_proj"] and cfg.lora_modules_to_save == ["lm_head"]
+
+
 def test_target_modules_default_to_lora_target_modules(make_config, no_model_load):
     from axolotl_soka.plugin.plugin import soka_config_from_cfg
 
