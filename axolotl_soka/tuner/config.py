@@ -160,6 +160,16 @@ class SokaConfig(PeftConfig):
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field and the allowed values for any bad setting."""
+        # as LoRA: a string target (regex, plain name or "all-linear") is matched whole, with no layer index;
+        # with the default (None) or a list of names, layers_to_transform selects the layers
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
+        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
+            raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError(
+                "When `layers_pattern` is specified, `layers_to_transform` must also be specified."
+            )
         check_selection_args(
             self.energy_threshold,
             self.elbow_mode,

@@ -6,7 +6,10 @@ matrix products without forming ``ΔW`` (``forward_mode="factored"``), or, with 
 calls with enough tokens, as one GEMM on ``W + ΔW`` formed transiently (``axolotl_soka.kron.dense_forward``).
 With ``init="kpsvd"`` the initial factors are kept as persistent buffers ``soka_A0`` (σ folded in) and
 ``soka_B0`` and the frozen base weight holds the residual ``W − alpha · Σ A0_k ⊗ B0_k``; loading an adapter
-re-residualises the base from the stored buffers (no SVD).
+re-residualises the base from the stored buffers (no SVD). The residual is applied while its adapter is
+active; ``peft.get_base_model_state_dict`` therefore returns it, not the original weight (the base weight
+itself is the residual, as with LoRA's PiSSA init, and that function reads the state dict as it is):
+``unload()`` or ``delete_adapter`` restores ``W``.
 """
 
 from __future__ import annotations
@@ -83,8 +86,10 @@ class SokaLayer(BaseTunerLayer):
         self.sigma_mode: dict[str, str] = {}
         self.chunk_tokens: dict[str, int | None] = {}  # tokens per chunk of the product (None: by device)
         self.forward_mode: dict[str, str] = {}  # "factored" or "dense" (see SokaLinear.forward)
-        # adapter -> whether alpha·Σ A0⊗B0 is currently subtracted from the base weight (kpsvd adapters only)
+        # adapter -> whether alpha·Σ A0⊗B0 is currently subtracted from the base weight (kpsvd adapters only);
+        # it is while the adapter is active, so an inactive adapter leaves the layer's output unchanged
         self.soka_residual: dict[str, bool] = {}
+        self._soka_pending: set[str] = set()  # kpsvd placeholders whose factors must come from a checkpoint
         self._soka_incoming: set[str] = set()
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
@@ -155,10 +160,22 @@ class SokaLayer(BaseTunerLayer):
             self.soka_A0[adapter_name] = a0.detach().clone()
             self.soka_B0[adapter_name] = b.detach().clone()
             self.soka_residual[adapter_name] = False
+            if factors is None:
+                self._soka_pending.add(adapter_name)
         self._place_adapter(adapter_name)
         if init == "kpsvd" and factors is not None:
             self.apply_residual(adapter_name, sign=-1.0)
         self.set_adapter(self.active_adapters)
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """Activate ``adapter_names``; each kpsvd adapter's ``ΔW0`` is subtracted from the base weight exactly
+        while it is active (added back when it is not), so adapters that are not active never change the
+        output, as with PEFT's other methods."""
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+        for adapter, applied in list(self.soka_residual.items()):
+            active = adapter in self.active_adapters
+            if active != applied and adapter not in self._soka_pending:
+                self.apply_residual(adapter, sign=-1.0 if active else +1.0)
 
     def _place_adapter(self, adapter_name: str) -> None:
         """Move the adapter's tensors to the base layer's device, in fp32 (master weights; the forward casts
@@ -171,6 +188,12 @@ class SokaLayer(BaseTunerLayer):
         for buffers in (self.soka_A0, self.soka_B0):
             if adapter_name in buffers and buffers[adapter_name].device.type != "meta":
                 buffers[adapter_name] = buffers[adapter_name].to(device, torch.float32)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Any = None) -> None:
+        """PEFT calls this after loading (e.g. with ``low_cpu_mem_usage=True``); its own version would also
+        cast the factors and ``soka_A0``/``soka_B0`` to the base dtype. SoKA keeps them in fp32 on the base
+        weight's device (:meth:`_place_adapter`)."""
+        self._place_adapter(adapter_name)
 
     # ------------------------------------------------------------------ residual
     def init_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -206,18 +229,31 @@ class SokaLayer(BaseTunerLayer):
             self._soka_incoming.add(adapter)
 
     def _soka_post_load(self, module: nn.Module, incompatible_keys: Any) -> None:
-        """After loading: residualise the base with the stored init factors that just arrived."""
+        """After loading: residualise the base with the stored init factors that just arrived (for an active
+        adapter; :meth:`set_adapter` does it for the others once activated)."""
         for adapter in sorted(self._soka_incoming):
             self._place_adapter(
                 adapter
             )  # loaded tensors (possibly assigned as saved) back to fp32 on the device
-            self.apply_residual(adapter, sign=-1.0)
+            self._soka_pending.discard(adapter)
+            if adapter in self.active_adapters:
+                self.apply_residual(adapter, sign=-1.0)
         self._soka_incoming.clear()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Delete the adapter's tensors; a kpsvd adapter first adds its ``ΔW0`` back, so the base weight is
+        the original ``W`` again (otherwise the model would silently keep the residual)."""
+        if self.soka_residual.get(adapter_name, False):
+            self.apply_residual(adapter_name, sign=+1.0)
+        self.soka_residual.pop(adapter_name, None)
+        self._soka_incoming.discard(adapter_name)
+        self._soka_pending.discard(adapter_name)
+        super().delete_adapter(adapter_name)
 
     def check_loaded(self) -> None:
         """Fail loudly when a kpsvd adapter built from a saved (resolved) config never received its weights."""
         for adapter in self.active_adapters:
-            if adapter in self.soka_residual and not self.soka_residual[adapter]:
+            if adapter in self._soka_pending:
                 raise RuntimeError(
                     f"SoKA adapter {adapter!r} was created from a saved config (resolved=True), so it expects its "
                     "weights from a checkpoint, but none were loaded. Load it with "

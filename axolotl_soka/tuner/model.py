@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from peft.tuners.tuners_utils import BaseTuner
@@ -49,7 +52,9 @@ class SokaModel(BaseTuner):
         Overridden rather than done in PEFT's injection hooks because ``PeftModel.add_adapter`` and
         ``load_adapter`` call ``inject_adapter`` without those hooks.
         """
-        config = self.peft_config[adapter_name]
+        # resolving writes ranks and shapes into the config: work on a copy so that the caller's config object
+        # can build further models (resolved, it would expect its factors from a checkpoint)
+        config = self.peft_config[adapter_name] = copy.deepcopy(self.peft_config[adapter_name])
         self._plan_adapter(model, config, adapter_name)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         self._resolve_config(config, adapter_name)
@@ -118,7 +123,29 @@ class SokaModel(BaseTuner):
         config.shape_pattern = {name: sel.shape.as_list() for name, sel in selections.items()}
         config.resolved = True
 
-    # ---------------------------------------------------------------- unloading
+    # ---------------------------------------------------------------- unsupported PEFT options
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """SoKA keeps its factors in fp32 whatever the base dtype (the forward casts them), so there is
+        nothing to cast; ``autocast_adapter_dtype=False`` (factors in the base dtype) is not supported."""
+        if not autocast_adapter_dtype:
+            raise ValueError(
+                "autocast_adapter_dtype=False is unsupported for SoKA: its factors always stay in fp32"
+            )
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """Refuse ``adapter_names=`` (mixed-batch inference): SoKA layers run the active adapters on every
+        row. ``PeftModel`` enters this around every forward and ``generate`` while an adapter is enabled."""
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError("adapter_names= (mixed-batch inference) is unsupported for SoKA")
+        yield
+
+    # ---------------------------------------------------------------- deleting and unloading
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Delete an adapter; its layers give their ``ΔW0`` back to the base weight (see ``SokaLayer``)."""
+        super().delete_adapter(adapter_name)
+        self.soka_selections.pop(adapter_name, None)
+
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
         """PEFT's unloading (``unload``, ``merge_and_unload``), then the dense forward's reused CPU buffers
         (one weight-sized tensor per shape, :func:`~axolotl_soka.kron.dense_forward.release_workspace`) are

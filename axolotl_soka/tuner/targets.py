@@ -7,6 +7,7 @@ its shape later.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from peft.tuners.tuners_utils import BaseTuner, _ExcludedModule, _maybe_include_all_linear_layers
@@ -65,13 +66,31 @@ def default_targets(config: SokaConfig) -> SokaConfig:
     return config
 
 
+def _in_layers(config: SokaConfig, key: str) -> bool:
+    """Whether module ``key`` lies in one of ``config.layers_to_transform`` (PEFT's layer-index rule: the
+    first number after a ``layers_pattern`` segment, or after any segment when no pattern is given)."""
+    patterns = config.layers_pattern or [r"[^.]*"]
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    for pattern in patterns:
+        found = re.match(rf".*?\.{pattern}\.(\d+)\.", key)
+        if found is not None:
+            layers = config.layers_to_transform
+            index = int(found.group(1))
+            return index == layers if isinstance(layers, int) else index in layers
+    return False
+
+
 def find_targets(model: nn.Module, config: SokaConfig) -> list[Target]:
     """Every module ``config`` targets, in ``named_modules`` order, each checked (type, shape, second adapter).
 
     ``target_modules=None`` means every linear layer except the output head (PEFT's ``all-linear``). Raises
     ``ValueError`` naming the module for anything that cannot be adapted, and when nothing matches.
     """
+    default = config.target_modules is None
     config = _maybe_include_all_linear_layers(default_targets(config), model)
+    if default and config.layers_to_transform is not None:
+        # the expansion lists full names, which PEFT's matching takes without a layer check: filter here
+        config.target_modules = {key for key in config.target_modules if _in_layers(config, key)}
     targets: list[Target] = []
     for key, module in model.named_modules():
         if not key or any(key.startswith(t.name + ".") for t in targets):

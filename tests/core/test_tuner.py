@@ -437,11 +437,17 @@ def test_add_second_zero_init_adapter():
     peft_model.add_adapter("other", SokaConfig(max_rank=2, init="zero", target_modules=["q_proj"]))
     assert set(peft_model.base_model.soka_selections) == {"default", "other"}
     assert peft_model.peft_config["other"].resolved is True
-    peft_model.set_adapter("other")  # zero init on top of the default adapter's residual base
+    peft_model.set_adapter("other")  # the inactive default adapter's ΔW0 goes back into the base
     with torch.no_grad():
         for layer in soka_layers(peft_model).values():
             assert torch.count_nonzero(layer.soka_B["other"]) == 0
-    assert rel_error(logits(peft_model), reference) > 1e-3  # the residual base without the default adapter
+            assert layer.soka_residual == {"default": False}
+    assert rel_error(logits(peft_model), reference) <= 1e-5  # zero init on the original weights
+    # zero init on top of the default adapter's residual base
+    peft_model.base_model.set_adapter(["default", "other"])
+    assert rel_error(logits(peft_model), reference) <= 1e-5
+    with peft_model.disable_adapter():
+        assert rel_error(logits(peft_model), reference) > 1e-3  # the residual base without the adapters
 
 
 def test_config_from_json_without_weights_fails_at_forward(trained):
