@@ -23,7 +23,7 @@ export TOKENIZERS_PARALLELISM := false
 # ~/.cache/torch_extensions (py311_cpu, py312_cu130).
 PREBUILD_DS := from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load(verbose=False)
 
-.PHONY: setup setup312 demo test test311 test312 lint format bench clean
+.PHONY: setup setup312 demo test test311 test312 lint format bench clean bwrap
 
 # torch is pinned first so that pip takes the CPU build instead of downloading CUDA wheels.
 $(VENV)/.installed: pyproject.toml constraints-py311.txt
@@ -44,6 +44,15 @@ $(VENV312)/.installed: pyproject.toml constraints-py312.txt
 	DS_ACCELERATOR=cpu $*/bin/python -c "$(PREBUILD_DS)"
 	touch $@
 
+# The MBPP evaluation runs generated programs under bubblewrap (Debian's package), installed here when missing.
+bwrap:
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap; \
+	  else \
+	    echo "bubblewrap missing: install it (apt-get install bubblewrap, or your distribution's package)" >&2; \
+	  fi; }
+
 setup: $(VENV)/.installed
 
 setup312: $(VENV312)/.installed
@@ -52,17 +61,17 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/python -m axolotl_soka.demo.run
 
 # The two environments are installed side by side; then the full suite runs on each stack, one after the other.
-test:
+test: bwrap
 	$(MAKE) --no-print-directory -j2 $(VENV)/.deepspeed-op $(VENV312)/.deepspeed-op
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(MAKE) --no-print-directory test311
 	$(MAKE) --no-print-directory test312
 
-test311: $(VENV)/.deepspeed-op
+test311: bwrap $(VENV)/.deepspeed-op
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
 
-test312: $(VENV312)/.deepspeed-op
+test312: bwrap $(VENV312)/.deepspeed-op
 	$(VENV312)/bin/python -m pytest -q -p no:cacheprovider
 
 lint: $(VENV)/.installed

@@ -22,6 +22,7 @@ from typing import Any
 from ..prompts import STOP_STRINGS, TASKS, build_prompt
 from . import data as data_mod
 from . import model as model_mod
+from . import sandbox
 from .errors import EvalInputError
 from .results import ResultWriter, print_summary
 from .scoring import score_many
@@ -57,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workers", type=int, default=4, help="parallel MBPP test processes")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per MBPP program")
+    p.add_argument(
+        "--unsafe-exec",
+        action="store_true",
+        help="run MBPP programs even without bubblewrap (no OS isolation: only for trusted models)",
+    )
     return p
 
 
@@ -92,6 +98,12 @@ def validate(args: argparse.Namespace) -> tuple[model_mod.ModelSpec, data_mod.Da
     if args.backend == "vllm" and not _vllm_possible(spec):
         raise EvalInputError(
             "--backend vllm: needs vllm, a CUDA GPU, no --gguf-file and no adapter or a LoRA one"
+        )
+    # Last, so that other bad flags are named first; still before any model is loaded (in run()).
+    if args.task == "mbpp" and not args.unsafe_exec and (problem := sandbox.isolation_error(sandbox.BWRAP)):
+        raise EvalInputError(
+            f"--task mbpp: {problem}; or pass --unsafe-exec to run the generated programs without OS "
+            "isolation (only for trusted models)"
         )
     return spec, dataset
 
@@ -171,7 +183,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for indices, completions in batches:
                 records = [dataset.records[i] for i in indices]
                 verdicts = score_many(
-                    args.task, completions, records, workers=args.workers, timeout=args.timeout
+                    args.task,
+                    completions,
+                    records,
+                    workers=args.workers,
+                    timeout=args.timeout,
+                    unsafe_exec=args.unsafe_exec,
                 )
                 for i, completion, verdict in zip(indices, completions, verdicts, strict=True):
                     item = {"id": dataset.ids[i], "prompt": prompts[i], "completion": completion}

@@ -1,7 +1,8 @@
 """MBPP scoring: pass@1 by running the generated code against the task's asserts in a sandbox.
 
-The code is the completion up to ``[DONE]`` with markdown fences removed; the program that runs is
-that code, the task's ``test_setup_code`` and its ``test_list`` asserts (see :mod:`.sandbox`).
+The code is the completion up to ``[DONE]`` with markdown fences removed; it runs in the sandbox,
+followed by the task's ``test_setup_code`` and its ``test_list`` asserts, each run by the sandbox's
+runner as a separate trusted statement (see :mod:`.sandbox`).
 """
 
 from __future__ import annotations
@@ -26,20 +27,21 @@ def extract_code(completion: str) -> str:
     return text.replace("\r\n", "\n").strip("\n")
 
 
-def build_program(code: str, record: Mapping[str, Any]) -> str:
-    """Code, then the task's setup code, then its asserts."""
+def build_tests(record: Mapping[str, Any]) -> list[str]:
+    """The statements run after the code: the task's setup code (when there is one), then each assert."""
     setup = (record.get("test_setup_code") or "").replace("\r\n", "\n")
-    tests = "\n".join(record["test_list"])
-    return f"{code}\n\n{setup}\n\n{tests}\n"
+    return ([setup] if setup.strip() else []) + [t.replace("\r\n", "\n") for t in record["test_list"]]
 
 
 def is_correct(
-    completion: str, record: Mapping[str, Any], limits: Limits | None = None
+    completion: str, record: Mapping[str, Any], limits: Limits | None = None, unsafe_exec: bool = False
 ) -> tuple[bool, str, str, str | None]:
-    """``(passed, extracted code, reference tests, error)`` for one completion and its MBPP record."""
+    """``(passed, extracted code, reference tests, error)`` for one completion and its MBPP record.
+
+    Raises :class:`.sandbox.SandboxUnavailableError` without a working ``bwrap``, unless ``unsafe_exec``."""
     code = extract_code(completion)
     tests = "\n".join(record["test_list"])
     if not code.strip():
         return False, code, tests, "empty program"
-    result = run_program(build_program(code, record), limits)
+    result = run_program(code, limits, tests=build_tests(record), unsafe_exec=unsafe_exec)
     return result.passed, code, tests, result.error

@@ -29,10 +29,14 @@ def _text(completion: object) -> str:
     return completion if isinstance(completion, str) else ""
 
 
-def score(task: str, completion: str, record: Mapping[str, Any], timeout: float = 10.0) -> Verdict:
+def score(
+    task: str, completion: str, record: Mapping[str, Any], timeout: float = 10.0, unsafe_exec: bool = False
+) -> Verdict:
     """Score one completion for ``task`` (``gsm8k``, ``math`` or ``mbpp``); never raises on bad output.
 
-    ``timeout`` is the wall-clock limit in seconds for one MBPP program.
+    ``timeout`` is the wall-clock limit in seconds for one MBPP program. MBPP programs run isolated by
+    bubblewrap; without a working ``bwrap`` this raises :class:`.sandbox.SandboxUnavailableError`
+    unless ``unsafe_exec`` allows running them with only in-process guards and resource limits.
     """
     completion = _text(completion)
     if task == "gsm8k":
@@ -42,7 +46,9 @@ def score(task: str, completion: str, record: Mapping[str, Any], timeout: float 
         ok, extracted, reference = score_math.is_correct(completion, dict(record))
         return Verdict(ok, extracted, reference, None if extracted is not None else "no \\boxed answer")
     if task == "mbpp":
-        ok, code, tests, error = score_mbpp.is_correct(completion, record, Limits(timeout_s=timeout))
+        ok, code, tests, error = score_mbpp.is_correct(
+            completion, record, Limits(timeout_s=timeout), unsafe_exec
+        )
         return Verdict(ok, code, tests, error)
     raise ValueError(f"unknown task {task!r}; allowed: gsm8k, math, mbpp")
 
@@ -53,8 +59,11 @@ def score_many(
     records: Sequence[Mapping[str, Any]],
     workers: int = 4,
     timeout: float = 10.0,
+    unsafe_exec: bool = False,
 ) -> list[Verdict]:
     """Score many completions; MBPP programs run in parallel subprocesses (``workers`` at a time).
+
+    ``timeout`` and ``unsafe_exec`` are as for :func:`score`.
 
     GSM8K and MATH are scored on the calling thread (``math-verify`` timeouts need the main thread).
     """
@@ -66,8 +75,11 @@ def score_many(
             Verdict(ok, e, ref, None if e is not None else "no \\boxed answer") for ok, e, ref in verdicts
         ]
     if task != "mbpp" or workers <= 1:
-        return [score(task, c, r, timeout) for c, r in zip(completions, records, strict=True)]
+        return [score(task, c, r, timeout, unsafe_exec) for c, r in zip(completions, records, strict=True)]
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(
-            pool.map(lambda cr: score(task, cr[0], cr[1], timeout), zip(completions, records, strict=True))
+            pool.map(
+                lambda cr: score(task, cr[0], cr[1], timeout, unsafe_exec),
+                zip(completions, records, strict=True),
+            )
         )

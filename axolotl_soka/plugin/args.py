@@ -94,6 +94,12 @@ def check_soka_keys(data: dict[str, Any]) -> None:
     task = data.get("soka_eval_task")
     if task is not None and task not in TASKS:
         raise ValueError(f"soka_eval_task={task!r} is unknown; allowed: {', '.join(TASKS)}")
+    if task == "mbpp":
+        from ..eval.sandbox import BWRAP, isolation_error
+
+        # checked here, before the model loads, not at the first evaluation hours into training
+        if problem := isolation_error(BWRAP):
+            raise ValueError(f"soka_eval_task='mbpp' runs generated programs: {problem}")
     for key in (
         "soka_eval_samples",
         "soka_eval_steps",

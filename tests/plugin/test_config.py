@@ -211,6 +211,18 @@ def test_eval_task_is_rejected_on_sharded_runs(make_config, no_model_load):
         load(make_config(soka_eval_task="gsm8k", deepspeed=str(ds)))
 
 
+def test_mbpp_eval_task_needs_the_sandbox_before_the_model_loads(make_config, no_model_load, monkeypatch):
+    """Without a working bubblewrap, ``soka_eval_task: mbpp`` stops at config loading (not at the first
+    evaluation, hours into training), with the sandbox's own reason."""
+    from axolotl_soka.eval import sandbox
+
+    monkeypatch.setattr(sandbox, "isolation_error", lambda bwrap=sandbox.BWRAP: "bubblewrap is not installed")
+    with pytest.raises(ValueError, match="soka_eval_task='mbpp' runs generated programs: bubblewrap is not"):
+        load(make_config(soka_eval_task="mbpp"))
+    monkeypatch.setattr(sandbox, "isolation_error", lambda bwrap=sandbox.BWRAP: None)
+    assert load(make_config(soka_eval_task="mbpp")).soka_eval_task == "mbpp"
+
+
 def test_callbacks_are_wired(make_config, no_model_load, tiny_model_dir):
     from axolotl.integrations.base import PluginManager
     from transformers import AutoTokenizer
