@@ -2,9 +2,9 @@
 
 OS isolation (bubblewrap, ``bwrap``), for every program:
 
-- a read-only view of the whole file system (``--ro-bind / /``); the only writable places are a
-  fresh temporary directory (working directory, ``$HOME``, ``$TMPDIR``; removed afterwards), a
-  private ``/tmp`` and a private ``/dev``;
+- a read-only view of the whole file system (``--ro-bind / /``, ``/tmp`` included); the only writable
+  places are a fresh temporary directory (working directory, ``$HOME``, ``$TMPDIR``; removed
+  afterwards) and a private ``/dev``;
 - new network, PID, IPC, UTS, user and cgroup namespaces (``--unshare-all``): no network (only a
   private loopback), the evaluator and every other host process invisible and unreachable; all
   capabilities dropped; ``--die-with-parent`` and ``--new-session``. When the program ends or is
@@ -213,8 +213,8 @@ def _bwrap_prefix(bwrap: str, workdir: str) -> list[str]:
         "--ro-bind", "/", "/",
         "--dev", "/dev",
         "--proc", "/proc",
-        "--tmpfs", "/tmp",
-        "--bind", workdir, workdir,  # after --tmpfs /tmp: the work dir usually lies under /tmp
+        # no tmpfs over /tmp: the interpreter (a virtual environment) may live there; /tmp stays read-only
+        "--bind", workdir, workdir,
         "--chdir", workdir,
         "--unshare-all",
         "--cap-drop", "ALL",

@@ -197,8 +197,8 @@ def test_adversarial_programs_do_not_harm_the_run() -> None:
 
 @pytest.fixture()
 def outside(tmp_path: Path) -> Iterator[Path]:
-    """A sentinel directory outside the work dir, holding ``keep.txt``. It lies in /var/tmp when that is
-    writable (the sandbox's /tmp is private, so a directory under /tmp would be out of reach anyway)."""
+    """A sentinel directory outside the work dir, holding ``keep.txt``, in /var/tmp when that is writable
+    (elsewhere in the test's own temporary directory)."""
     parent = "/var/tmp" if os.access("/var/tmp", os.W_OK) else str(tmp_path)
     path = Path(tempfile.mkdtemp(prefix="soka-sentinel-", dir=parent))
     (path / "keep.txt").write_text("keep")
@@ -373,3 +373,19 @@ def test_the_evaluator_cannot_be_killed() -> None:
     assert result.returncode != 0
     os.kill(os.getpid(), 0)  # still here; and the harness above returned a verdict
     assert score("mbpp", GOOD, RECORD).correct
+
+
+@needs_bwrap
+def test_an_interpreter_under_tmp_runs_in_the_sandbox(tmp_path: Path) -> None:
+    """The evaluator's interpreter may live anywhere, /tmp included (a virtual environment in a fresh clone
+    there): the sandbox keeps the host's /tmp visible, read-only, instead of hiding it under a tmpfs."""
+    import subprocess
+    import sys
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
+    assert str(venv).startswith(tempfile.gettempdir())
+    result = run_program(
+        "def f():\n    return 1\n", python=str(venv / "bin" / "python"), tests=["assert f() == 1"]
+    )
+    assert result.passed, result.error
