@@ -37,6 +37,16 @@ def parse_budget(value: int | float | str) -> int:
     return int(round(number))
 
 
+def check_budget_floor(budget: int, needed: int, modules: int) -> None:
+    """Raise ``ValueError`` when the terms every module must keep (``min_rank``, or its fixed rank)
+    already cost ``needed > budget`` parameters."""
+    if needed > budget:
+        raise ValueError(
+            f"param_budget {budget:,} is smaller than the {needed:,} parameters that min_rank already needs "
+            f"on {modules} modules; raise the budget or lower min_rank (0 lets modules stay unadapted)"
+        )
+
+
 @dataclass
 class BudgetItem:
     """One module offered to the allocator.
@@ -60,11 +70,7 @@ def allocate_budget(items: Sequence[BudgetItem], budget: int) -> list[int]:
     """Terms per module maximising the summed energy share with ``Σ rank_i·cost_i ≤ budget``."""
     ranks = [min(item.min_rank, item.cap) for item in items]
     spent = sum(r * item.cost for r, item in zip(ranks, items, strict=True))
-    if spent > budget:
-        raise ValueError(
-            f"param_budget {budget:,} is smaller than the {spent:,} parameters that min_rank already needs on "
-            f"{len(items)} modules; raise the budget or lower min_rank (0 lets modules stay unadapted)"
-        )
+    check_budget_floor(budget, spent, len(items))
 
     def gain(i: int) -> float:
         item = items[i]

@@ -13,6 +13,14 @@ from dataclasses import dataclass
 SHAPE_RULES = ("balanced", "lora")
 
 
+class ShapeError(ValueError):
+    """A factor shape that cannot be used for module ``module`` (kept so callers can name its config key)."""
+
+    def __init__(self, message: str, module: str = "<module>") -> None:
+        super().__init__(message)
+        self.module = module
+
+
 @dataclass(frozen=True)
 class KronShape:
     """Factor shape ``(m, n, p, q)``: ``A_k`` is ``(m, n)``, ``B_k`` is ``(p, q)``, ``W`` is ``(m·p, n·q)``."""
@@ -81,27 +89,29 @@ def resolve_shape(
 ) -> KronShape:
     """Turn a shape spec (``"balanced"``, ``"lora"`` or ``[m, n, p, q]``) into a checked :class:`KronShape`.
 
-    Raises ``ValueError`` naming the module, its dimensions and the shape when it does not multiply out.
+    Raises :class:`ShapeError` (a ``ValueError``) naming the module, its dimensions and the shape when it
+    does not multiply out.
     """
     if isinstance(spec, str):
         if spec == "balanced":
             return balanced_shape(out_features, in_features)
         if spec == "lora":
             return lora_shape(out_features, in_features)
-        raise ValueError(
+        raise ShapeError(
             f"factor shape {spec!r} for module {module_name!r} is unknown; allowed: "
-            f"{', '.join(SHAPE_RULES)} or a list [m, n, p, q] with m*p = out and n*q = in"
+            f"{', '.join(SHAPE_RULES)} or a list [m, n, p, q] with m*p = out and n*q = in",
+            module_name,
         )
     values = list(spec)
     if len(values) != 4 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
-        raise ValueError(
-            f"factor shape {values!r} for module {module_name!r} must be four positive integers [m, n, p, q]"
-        )
+        problem = f"factor shape {values!r} for module {module_name!r} must be four positive integers"
+        raise ShapeError(f"{problem} [m, n, p, q]", module_name)
     shape = KronShape(*values)
     if shape.out_features != out_features or shape.in_features != in_features:
-        raise ValueError(
+        raise ShapeError(
             f"factor shape {values} does not fit module {module_name!r} with weight (out={out_features}, "
             f"in={in_features}): m*p = {shape.out_features} must equal out and n*q = {shape.in_features} "
-            "must equal in"
+            "must equal in",
+            module_name,
         )
     return shape

@@ -184,6 +184,15 @@ class SokaPlugin(BasePlugin):
         if cfg.get("merge_lora") and not cfg.get("deepspeed"):
             clear_stale_deepspeed_env()
 
+    def pre_model_load(self, cfg: Any) -> None:
+        """Check the SoKA settings against the model's config (built on the meta device, no weights), so that
+        bad targets, shapes, patterns or budgets fail before a long load (see ``preflight``)."""
+        if not _is_soka(cfg):
+            return
+        from .preflight import check_against_model_config
+
+        check_against_model_config(cfg)
+
     def get_input_args(self) -> str:
         return "axolotl_soka.plugin.args.SokaArgs"
 

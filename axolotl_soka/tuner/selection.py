@@ -54,12 +54,21 @@ class ModuleSelection:
         }
 
 
-def lookup_pattern(patterns: Mapping[str, T], key: str) -> T | None:
-    """Value for module ``key``: an exact full-name entry first, else the first pattern matching as PEFT does
-    (``(.*\\.)?pattern$``); ``None`` when nothing matches."""
+def pattern_matches(pattern: str, key: str) -> bool:
+    """Whether a ``rank_pattern``/``shape_pattern`` key applies to module ``key``: its full name, or a regex
+    matching as PEFT does (``(.*\\.)?pattern$``)."""
+    return pattern == key or re.match(rf"(.*\.)?({pattern})$", key) is not None
+
+
+def pattern_key(patterns: Mapping[str, Any], key: str) -> str | None:
+    """The entry of ``patterns`` that applies to module ``key``: an exact full-name entry first, else the
+    first matching pattern; ``None`` when none applies."""
     if key in patterns:
-        return patterns[key]
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", key):
-            return value
-    return None
+        return key
+    return next((pattern for pattern in patterns if pattern_matches(pattern, key)), None)
+
+
+def lookup_pattern(patterns: Mapping[str, T], key: str) -> T | None:
+    """Value for module ``key`` (see :func:`pattern_key`); ``None`` when nothing matches."""
+    found = pattern_key(patterns, key)
+    return patterns[found] if found is not None else None

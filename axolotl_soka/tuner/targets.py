@@ -32,6 +32,10 @@ QUANTIZED_MODULE_HINTS = (
 )
 
 
+class NoTargetError(ValueError):
+    """``target_modules`` matched no module of the model."""
+
+
 @dataclass
 class Target:
     """One module to adapt: its full name, its base ``nn.Linear`` and its factor shape (``None``: auto)."""
@@ -121,7 +125,7 @@ def find_targets(model: nn.Module, config: SokaConfig) -> list[Target]:
         targets.append(Target(key, base, shape))
     if not targets:
         examples = [k for k, m in model.named_modules() if isinstance(m, nn.Linear)][:5]
-        raise ValueError(
+        raise NoTargetError(
             f"target_modules {config.target_modules!r} matched no module of the model; its linear layers are "
             f"named like {examples}"
         )

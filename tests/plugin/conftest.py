@@ -138,6 +138,37 @@ def write_config(cfg: dict, path: Path) -> Path:
     return path
 
 
+def load(path: Path):
+    """``path`` loaded as every Axolotl CLI command loads its YAML (``load_cfg``: plugins, validation)."""
+    from axolotl.cli.config import load_cfg
+
+    return load_cfg(str(path))
+
+
+@pytest.fixture
+def make_config(tiny_model_dir, gsm8k_file, tmp_path):
+    """``make(**overrides)``: :func:`base_config` with ``overrides``, written to ``tmp_path/cfg.yml``."""
+
+    def make(**overrides) -> Path:
+        return write_config(
+            base_config(tiny_model_dir, gsm8k_file, tmp_path, **overrides), tmp_path / "cfg.yml"
+        )
+
+    return make
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if anything tries to build model weights."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the config was checked")
+
+    for cls in (transformers.AutoModelForCausalLM, transformers.PreTrainedModel):
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(refuse))
+
+
 @pytest.fixture(autouse=True)
 def _fresh_plugin_manager():
     """Axolotl's PluginManager is a process-wide singleton: start and end every test with no plugins."""

@@ -10,39 +10,11 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
-from conftest import base_config, write_config
+from conftest import load
 from packaging.version import Version
 
 INSTALL_HINT = "pip install 'axolotl-soka[axolotl]'"
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Fail the test if anything tries to build model weights."""
-    import transformers
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded")
-
-    for cls in (transformers.AutoModelForCausalLM, transformers.PreTrainedModel):
-        monkeypatch.setattr(cls, "from_pretrained", classmethod(refuse))
-
-
-@pytest.fixture
-def make_config(tiny_model_dir, gsm8k_file, tmp_path):
-    def make(**overrides) -> Path:
-        return write_config(
-            base_config(tiny_model_dir, gsm8k_file, tmp_path, **overrides), tmp_path / "cfg.yml"
-        )
-
-    return make
-
-
-def load(path: Path):
-    from axolotl.cli.config import load_cfg
-
-    return load_cfg(str(path))
 
 
 def test_soka_seed_defaults_to_axolotl_seed(make_config, no_model_load):

@@ -9,36 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import base_config, write_config
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Fail the test if anything tries to build model weights."""
-    import transformers
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded during config validation")
-
-    for cls in (transformers.AutoModelForCausalLM, transformers.PreTrainedModel):
-        monkeypatch.setattr(cls, "from_pretrained", classmethod(refuse))
-
-
-@pytest.fixture
-def make_config(tiny_model_dir, gsm8k_file, tmp_path):
-    def make(**overrides):
-        return write_config(
-            base_config(tiny_model_dir, gsm8k_file, tmp_path, **overrides), tmp_path / "cfg.yml"
-        )
-
-    return make
-
-
-def load(path):
-    from axolotl.cli.config import load_cfg
-
-    return load_cfg(str(path))
-
+from conftest import load
 
 BAD_VALUES = [
     # (overrides, fragments the message must contain)
@@ -282,3 +253,143 @@ def test_merge_clears_the_deepspeed_settings_an_earlier_load_exported(monkeypatc
     left = [key for key in DEEPSPEED_ENV if key in os.environ]
     assert left == ([] if cleared else list(DEEPSPEED_ENV))
     assert os.environ["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] == "4"
+
+
+def pre_model_load(cfg) -> None:
+    """The plugin's ``pre_model_load`` hook, as Axolotl's model loader calls it before
+    ``from_pretrained``."""
+    from axolotl.integrations.base import PluginManager
+
+    PluginManager.get_instance().plugins["axolotl_soka.SokaPlugin"].pre_model_load(cfg)
+
+
+# tiny Llama: q/o (64, 64), k/v (32, 64), gate/up (128, 64), down (64, 128); 2 layers, 14 targets
+PRE_LOAD_ERRORS = [
+    # (overrides, fragments the message must contain)
+    (
+        {"soka_target_modules": ["qq_proj"]},
+        ["soka_target_modules=['qq_proj'] matches no linear layer", "q_proj, k_proj", "down_proj, lm_head"],
+    ),
+    (
+        {"lora_target_modules": ["attn_out"]},
+        ["lora_target_modules=['attn_out'] matches no linear layer", "allowed: module names or a regex"],
+    ),
+    (
+        {"soka_target_modules": ["embed_tokens"]},
+        ["soka_target_modules=['embed_tokens'] is invalid", "'model.embed_tokens'", "not an nn.Linear"],
+    ),
+    (
+        {"soka_factor_shape": [4, 8, 16, 8]},
+        [
+            "soka_factor_shape=[4, 8, 16, 8] is invalid",
+            "module 'model.layers.0.self_attn.k_proj' with weight (out=32, in=64)",
+            "m*p = 64 must equal out",
+        ],
+    ),
+    (
+        {"soka_shape_pattern": {"down_proj": [8, 8, 8, 8]}},
+        [
+            "soka_shape_pattern['down_proj']=[8, 8, 8, 8] is invalid",
+            "module 'model.layers.0.mlp.down_proj' with weight (out=64, in=128)",
+            "n*q = 64 must equal in",
+        ],
+    ),
+    (
+        {"soka_rank_pattern": {"qproj": 2}},
+        [
+            "soka_rank_pattern key 'qproj' (value 2) matches no target module",
+            "'model.layers.0.self_attn.q_proj'",
+        ],
+    ),
+    (
+        {"soka_target_modules": ["q_proj"], "soka_shape_pattern": {"v_proj": "lora"}},
+        ["soka_shape_pattern key 'v_proj' (value 'lora') matches no target module", "such as q_proj"],
+    ),
+    (
+        {"soka_param_budget": 50, "soka_min_rank": 0},
+        ["soka_param_budget=50 (50 parameters) is smaller than one Kronecker term", "allowed: at least 97"],
+    ),
+    (
+        {"soka_param_budget": "1k"},
+        ["soka_param_budget 1,000 is smaller than the", "soka_min_rank already needs on 14 modules"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragments"),
+    PRE_LOAD_ERRORS,
+    ids=[",".join(f"{k}={v}" for k, v in o.items()) for o, _ in PRE_LOAD_ERRORS],
+)
+def test_model_config_mismatch_is_rejected_before_the_weights_load(
+    make_config, no_model_load, overrides, fragments
+):
+    cfg = load(make_config(**overrides))  # valid on its own: only the model's config rules it out
+    with pytest.raises(ValueError) as info:
+        pre_model_load(cfg)
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+def test_model_loader_runs_the_check_before_from_pretrained(make_config, no_model_load):
+    from axolotl.loaders import ModelLoader, load_tokenizer
+
+    cfg = load(make_config(soka_rank_pattern={"qproj": 2}))
+    with pytest.raises(ValueError, match="soka_rank_pattern key 'qproj'"):
+        ModelLoader(cfg, load_tokenizer(cfg)).load()
+    cfg = load(make_config(soka_rank_pattern={"q_proj": 2}))
+    with pytest.raises(AssertionError, match="a model was loaded"):  # checked, then the weights would load
+        ModelLoader(cfg, load_tokenizer(cfg)).load()
+
+
+def test_valid_config_passes_the_pre_load_check(make_config, no_model_load, caplog):
+    cfg = load(
+        make_config(
+            soka_target_modules=["q_proj", "v_proj", "down_proj"],
+            soka_rank_pattern={"q_proj": 2, r"layers\.1\.mlp\.down_proj": 1},
+            soka_shape_pattern={"v_proj": [4, 8, 8, 8], "down_proj": "auto"},
+            soka_param_budget="2k",  # above the 2*(2*129) + 2*97 + 2*193 = 1,096 parameters that must stay
+        )
+    )
+    with caplog.at_level(logging.DEBUG, logger="axolotl_soka"):
+        pre_model_load(cfg)
+    assert "SoKA pre-load check passed: 6 target modules" in caplog.text
+
+
+def test_pre_load_check_is_skipped_without_a_local_model_config(make_config, no_model_load, caplog):
+    """No ``config.json`` on this machine: nothing is downloaded and the loader decides later."""
+    cfg = load(make_config(soka_target_modules=["qq_proj"]))
+    cfg.base_model = cfg.base_model_config = "not-a-user/not-a-cached-model"
+    with caplog.at_level(logging.DEBUG, logger="axolotl_soka"):
+        pre_model_load(cfg)
+    assert "SoKA pre-load check skipped: no local model config" in caplog.text
+
+
+def test_pre_load_check_is_skipped_for_a_saved_adapter(make_config, no_model_load, tmp_path, caplog):
+    cfg = load(make_config(soka_target_modules=["qq_proj"]))
+    cfg.lora_model_dir = str(tmp_path)
+    with caplog.at_level(logging.DEBUG, logger="axolotl_soka"):
+        pre_model_load(cfg)
+    assert "the saved adapter in" in caplog.text
+
+
+def test_pre_load_budget_floor_is_the_one_get_peft_model_raises(make_config, tiny_model_dir):
+    """One rule before and after loading: the same parameter count, under the YAML names before."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from axolotl_soka.plugin.plugin import soka_config_from_cfg
+
+    cfg = load(make_config(soka_param_budget="1k"))
+    with pytest.raises(
+        ValueError, match="soka_param_budget 1,000 is smaller than the ([0-9,]+) parameters"
+    ) as pre:
+        pre_model_load(cfg)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    with pytest.raises(
+        ValueError, match="param_budget 1,000 is smaller than the ([0-9,]+) parameters"
+    ) as post:
+        get_peft_model(model, soka_config_from_cfg(cfg))
+    count = str(pre.value).split("smaller than the ")[1].split(" ")[0]
+    assert f"smaller than the {count} parameters" in str(post.value)
