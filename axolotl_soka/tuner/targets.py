@@ -7,7 +7,7 @@ its shape later.
 
 from __future__ import annotations
 
-import re
+import copy
 from dataclasses import dataclass
 
 from peft.tuners.tuners_utils import BaseTuner, _ExcludedModule, _maybe_include_all_linear_layers
@@ -70,18 +70,12 @@ def default_targets(config: SokaConfig) -> SokaConfig:
     return config
 
 
-def _in_layers(config: SokaConfig, key: str) -> bool:
-    """Whether module ``key`` lies in one of ``config.layers_to_transform`` (PEFT's layer-index rule: the
-    first number after a ``layers_pattern`` segment, or after any segment when no pattern is given)."""
-    patterns = config.layers_pattern or [r"[^.]*"]
-    patterns = [patterns] if isinstance(patterns, str) else patterns
-    for pattern in patterns:
-        found = re.match(rf".*?\.{pattern}\.(\d+)\.", key)
-        if found is not None:
-            layers = config.layers_to_transform
-            index = int(found.group(1))
-            return index == layers if isinstance(layers, int) else index in layers
-    return False
+def _in_layers(config: SokaConfig, keys: set[str]) -> set[str]:
+    """The modules of ``keys`` (full names) in ``config.layers_to_transform``, by PEFT's own layer-index rule:
+    PEFT skips that rule for full names, so it is asked with each module's last name part instead."""
+    by_leaf = copy.copy(config)
+    by_leaf.target_modules = {key.rsplit(".", 1)[-1] for key in keys}
+    return {key for key in keys if BaseTuner._check_target_module_exists(by_leaf, key)}
 
 
 def find_targets(model: nn.Module, config: SokaConfig) -> list[Target]:
@@ -94,7 +88,7 @@ def find_targets(model: nn.Module, config: SokaConfig) -> list[Target]:
     config = _maybe_include_all_linear_layers(default_targets(config), model)
     if default and config.layers_to_transform is not None:
         # the expansion lists full names, which PEFT's matching takes without a layer check: filter here
-        config.target_modules = {key for key in config.target_modules if _in_layers(config, key)}
+        config.target_modules = _in_layers(config, set(config.target_modules))
     targets: list[Target] = []
     for key, module in model.named_modules():
         if not key or any(key.startswith(t.name + ".") for t in targets):
