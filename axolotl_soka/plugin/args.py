@@ -7,6 +7,7 @@ key name, so a bad value fails at config validation, before any model is loaded.
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from pathlib import Path
@@ -299,3 +300,46 @@ class SokaArgs(BaseModel):
         apply_axolotl_fallbacks(data)
         check_axolotl_keys(data)
         return data
+
+
+PREFIX = "soka_"  # of every YAML key the plugin defines
+
+# LoRA keys that ``adapter: soka`` would silently ignore -> the SoKA key(s) to use instead. The LoRA keys the
+# plugin honours (lora_target_modules, lora_target_linear, lora_modules_to_save, lora_model_dir) stay allowed.
+LORA_REPLACEMENTS: dict[str, tuple[str, ...]] = {
+    "lora_r": ("soka_max_rank", "soka_param_budget"),
+    "lora_alpha": ("soka_alpha",),
+    "lora_dropout": ("soka_dropout",),
+}
+
+
+def soka_keys() -> list[str]:
+    """The ``soka_*`` YAML keys the plugin defines: the fields of ``SokaArgs``."""
+    return list(SokaArgs.model_fields)
+
+
+def written_soka_keys(cfg: Any) -> list[str]:
+    """The ``soka_*`` keys of a raw config that have a value."""
+    return [key for key in cfg if isinstance(key, str) and key.startswith(PREFIX) and cfg[key] is not None]
+
+
+def check_written_keys(cfg: Any) -> None:
+    """Reject, in a raw ``adapter: soka`` config, unknown ``soka_*`` keys (typos) and the LoRA keys in
+    ``LORA_REPLACEMENTS``; raise ``ValueError`` naming the key, its value and what to use instead."""
+    known = soka_keys()
+    unknown = []
+    for key in cfg:
+        if isinstance(key, str) and key.startswith(PREFIX) and key not in known:
+            # Compared without the shared prefix, which would make any soka_* name look close to every key.
+            close = difflib.get_close_matches(key[len(PREFIX) :], [k[len(PREFIX) :] for k in known], n=1)
+            hint = f" (did you mean {PREFIX}{close[0]}?)" if close else ""
+            unknown.append(f"unknown key {key}={cfg[key]!r}{hint}")
+    if unknown:
+        raise ValueError("; ".join(unknown) + "; the SoKA keys are listed in docs/plugin.md")
+    for key, replacements in LORA_REPLACEMENTS.items():
+        value = cfg.get(key)
+        if value is not None:
+            raise ValueError(
+                f"{key}={value!r} is ignored with adapter: soka (it configures LoRA); use "
+                f"{' or '.join(replacements)} instead, and remove {key} from the config"
+            )

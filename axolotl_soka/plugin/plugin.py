@@ -7,13 +7,12 @@ paths apply unchanged. Every hook does nothing unless ``adapter: soka``.
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
-from .args import ADAPTER_NAME, KEY_TO_FIELD, SokaArgs
+from .args import ADAPTER_NAME, KEY_TO_FIELD, check_written_keys, written_soka_keys
 from .extras import missing_extra
 
 try:
@@ -35,49 +34,6 @@ DEEPSPEED_ENV = (
 )
 
 
-PREFIX = "soka_"  # of every YAML key the plugin defines
-
-# LoRA keys that ``adapter: soka`` would silently ignore -> the SoKA key(s) to use instead. The LoRA keys the
-# plugin honours (lora_target_modules, lora_target_linear, lora_modules_to_save, lora_model_dir) stay allowed.
-LORA_REPLACEMENTS: dict[str, tuple[str, ...]] = {
-    "lora_r": ("soka_max_rank", "soka_param_budget"),
-    "lora_alpha": ("soka_alpha",),
-    "lora_dropout": ("soka_dropout",),
-}
-
-
-def soka_keys() -> list[str]:
-    """The ``soka_*`` YAML keys the plugin defines: the fields of ``SokaArgs``."""
-    return list(SokaArgs.model_fields)
-
-
-def written_soka_keys(cfg: Any) -> list[str]:
-    """The ``soka_*`` keys of a raw config that have a value."""
-    return [key for key in cfg if isinstance(key, str) and key.startswith(PREFIX) and cfg[key] is not None]
-
-
-def check_written_keys(cfg: Any) -> None:
-    """Reject, in a raw ``adapter: soka`` config, unknown ``soka_*`` keys (typos) and the LoRA keys in
-    ``LORA_REPLACEMENTS``; raise ``ValueError`` naming the key, its value and what to use instead."""
-    known = soka_keys()
-    unknown = []
-    for key in cfg:
-        if isinstance(key, str) and key.startswith(PREFIX) and key not in known:
-            # Compared without the shared prefix, which would make any soka_* name look close to every key.
-            close = difflib.get_close_matches(key[len(PREFIX) :], [k[len(PREFIX) :] for k in known], n=1)
-            hint = f" (did you mean {PREFIX}{close[0]}?)" if close else ""
-            unknown.append(f"unknown key {key}={cfg[key]!r}{hint}")
-    if unknown:
-        raise ValueError("; ".join(unknown) + "; the SoKA keys are listed in docs/plugin.md")
-    for key, replacements in LORA_REPLACEMENTS.items():
-        value = cfg.get(key)
-        if value is not None:
-            raise ValueError(
-                f"{key}={value!r} is ignored with adapter: soka (it configures LoRA); use "
-                f"{' or '.join(replacements)} instead, and remove {key} from the config"
-            )
-
-
 def _is_soka(cfg: Any) -> bool:
     return (cfg.get("adapter") if hasattr(cfg, "get") else getattr(cfg, "adapter", None)) == ADAPTER_NAME
 
@@ -88,14 +44,20 @@ def _is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
-def target_modules(cfg: Any) -> list[str] | str | None:
-    """``soka_target_modules``, else ``lora_target_modules`` (unless ``lora_target_linear``), else ``None``
-    (every linear layer except the output head)."""
+def target_modules_key(cfg: Any) -> str | None:
+    """The YAML key that chooses the targets: ``soka_target_modules``, else ``lora_target_modules`` (unless
+    ``lora_target_linear``), else ``None`` (every linear layer except the output head)."""
     if cfg.soka_target_modules:
-        return cfg.soka_target_modules
+        return "soka_target_modules"
     if cfg.lora_target_modules and not cfg.lora_target_linear:
-        return cfg.lora_target_modules
+        return "lora_target_modules"
     return None
+
+
+def target_modules(cfg: Any) -> list[str] | str | None:
+    """The targets the YAML chooses (:func:`target_modules_key`); ``None``: every linear layer but the head."""
+    key = target_modules_key(cfg)
+    return cfg[key] if key else None
 
 
 def soka_config_from_cfg(cfg: Any) -> Any:

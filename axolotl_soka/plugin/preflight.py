@@ -83,19 +83,12 @@ def linear_names(model: Any) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _target_key(cfg: Any) -> str:
-    """The YAML key that chose the targets (see ``plugin.target_modules``)."""
-    if cfg.soka_target_modules:
-        return "soka_target_modules"
-    if cfg.lora_target_modules and not cfg.lora_target_linear:
-        return "lora_target_modules"
-    return "soka_target_modules"
-
-
 def check_targets(cfg: Any, model: Any, config: Any) -> list[Target]:
     """SoKA's target discovery and shape resolution (``find_targets``) on ``model``, errors under YAML
     keys."""
-    key = _target_key(cfg)
+    from .plugin import target_modules_key
+
+    key = target_modules_key(cfg) or "soka_target_modules"
     value = cfg.get(key)
     try:
         return find_targets(model, copy.deepcopy(config))

@@ -117,8 +117,7 @@ def test_unknown_soka_key_is_rejected_with_a_suggestion(make_config, no_model_lo
 
 
 def test_every_plugin_key_is_known(make_config, no_model_load):
-    from axolotl_soka.plugin.args import SokaArgs
-    from axolotl_soka.plugin.plugin import soka_keys
+    from axolotl_soka.plugin.args import SokaArgs, soka_keys
 
     assert soka_keys() == list(SokaArgs.model_fields)
     cfg = load(make_config(soka_report=False, soka_calibration_batches=2, soka_eval_data=None))
@@ -134,8 +133,7 @@ def test_every_plugin_key_is_known(make_config, no_model_load):
     ],
 )
 def test_ignored_lora_key_is_rejected(make_config, no_model_load, key, value, instead):
-    from axolotl_soka.plugin.args import SokaArgs
-    from axolotl_soka.plugin.plugin import LORA_REPLACEMENTS
+    from axolotl_soka.plugin.args import LORA_REPLACEMENTS, SokaArgs
 
     assert all(k in SokaArgs.model_fields for k in LORA_REPLACEMENTS[key])
     with pytest.raises(ValueError) as info:
