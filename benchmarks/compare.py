@@ -2,9 +2,10 @@
 
     python benchmarks/compare.py --size cpu --model outputs/models/smollm2-135m-instruct --docs
 
-Stage 1 trains every method over its learning-rate grid at one budget (LoRA r=4) and picks the rate with the
-lowest validation loss; stage 2 runs each method at its rate at LoRA r=4 and r=16 budgets (SoKA also at 0.75×)
-for every seed. Each run is a separate process writing ``runs/<key>.json``; finished runs are skipped, so an
+Tier by tier (a budget: one Kronecker term per module, or LoRA's count at rank r), stage 1 trains every method
+over its learning-rate grid and picks the rate with the lowest validation loss (with ``extend``, the grid grows
+until that rate is interior); stage 2 runs each method at its rate (SoKA also at 0.75× the tier) for every
+seed. A tier without a grid of its own takes the rates of the size's first grid tier. Each run is a separate process writing ``runs/<key>.json``; finished runs are skipped, so an
 interrupted benchmark resumes where it stopped. A run of a measured size starts a fresh interpreter, so its peak
 RSS is that of a whole process; the quick size's runs are forked from a server that imported the libraries
 once, which saves about 15 s of imports per run on a 2-core CPU (see ``run_processes``). The report (markdown
@@ -26,7 +27,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from headtohead.plan import SIZES, final_runs, grid_runs  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+
+from headtohead.plan import SIZES, extension, final_runs, grid_runs  # noqa: E402
 from headtohead.report import choose_rates, write_report  # noqa: E402
 from headtohead.training import REPO as ROOT  # noqa: E402
 from headtohead.training import RunConfig  # noqa: E402
@@ -72,20 +75,20 @@ def launch(cfg: RunConfig, result: Path, processes: multiprocessing.context.Base
         raise SystemExit(f"run {cfg.key} failed (exit code {exitcode}); see its output above")
 
 
-def run_all(configs: list[RunConfig], out: Path, fork: bool = False) -> list[dict]:
+def run_all(configs: list[RunConfig], out: Path, fork: bool = False, jobs: int = 1) -> list[dict]:
     """Run each config in its own process (forked from a preloaded server with ``fork``, else a fresh
-    interpreter) unless its result exists; return all results."""
-    results = []
+    interpreter; ``jobs`` at a time) unless its result exists; return all results in ``configs``' order."""
     processes = run_processes() if fork else None
-    for i, cfg in enumerate(configs, 1):
-        path = out / "runs" / f"{cfg.key}.json"
-        if not path.exists():
-            print(f"[{i}/{len(configs)}] {cfg.key}", flush=True)
-            launch(cfg, path, processes)
-        else:
-            print(f"[{i}/{len(configs)}] {cfg.key} (done)", flush=True)
-        results.append(json.loads(path.read_text()))
-    return results
+    paths = [out / "runs" / f"{cfg.key}.json" for cfg in configs]
+    todo = []
+    for i, (cfg, path) in enumerate(zip(configs, paths, strict=True), 1):
+        print(f"[{i}/{len(configs)}] {cfg.key}" + (" (done)" if path.exists() else ""), flush=True)
+        if not path.exists() and all(p != path for _, p in todo):
+            todo.append((cfg, path))
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for future in [pool.submit(launch, cfg, path, processes) for cfg, path in todo]:
+            future.result()
+    return [json.loads(path.read_text()) for path in paths]
 
 
 def run_one(spec: str, result: Path) -> None:
@@ -127,11 +130,22 @@ def main() -> None:
     size = SIZES[args.size]
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"compare-{args.size}"
     out.mkdir(parents=True, exist_ok=True)
-    grid = run_all(grid_runs(size, args.model), out, size.fork_runs)
-    best = choose_rates(grid, size.methods)
-    final = run_all(final_runs(size, args.model, best), out, size.fork_runs)
-    command = f"python benchmarks/compare.py --size {args.size}" + (" --docs" if args.docs else "")
-    write_report(grid, final, best, size, out, command, docs=ROOT / "docs" if args.docs else None)
+    grids: dict[str, list[dict]] = {}
+    best: dict[str, dict[str, float]] = {}
+    final: list[dict] = []
+    for tier in [*size.grid_tiers, *(t for t in size.final_tiers if t not in size.grid_tiers)]:
+        if tier in size.grid_tiers:
+            grid = run_all(grid_runs(size, args.model, tier), out, size.fork_runs, size.jobs)
+            while size.extend and (more := extension(size, args.model, tier, grid)):
+                grid += run_all(more, out, size.fork_runs, size.jobs)
+            grids[tier] = grid
+            best[tier] = choose_rates(grid, size.tier_methods(tier))
+        if tier in size.final_tiers:
+            rates = best.get(tier, best[size.grid_tiers[0]])
+            final += run_all(final_runs(size, args.model, tier, rates), out, size.fork_runs, size.jobs)
+        # the report after every tier: a benchmark that spans sessions has its partial tables at each stop
+        command = f"python benchmarks/compare.py --size {args.size}" + (" --docs" if args.docs else "")
+        write_report(grids, final, best, size, out, command, docs=ROOT / "docs" if args.docs else None)
 
 
 if __name__ == "__main__":

@@ -87,54 +87,82 @@ def grid_table(grid: list[dict], best: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def _budget_rank(name: str) -> str:
-    """``"soka-grad-r16@0.75x"`` → ``"16"``."""
-    return name.rsplit("-r", 1)[1].split("@")[0]
+def tier_of(name: str) -> str:
+    """``"soka-grad-r16@0.75x"`` → ``"r16"``; ``"soka-kron"`` → ``"kron"``."""
+    return name.rsplit("-", 1)[1].split("@")[0]
+
+
+def method_of(name: str) -> str:
+    return name.rsplit("-", 1)[0]
+
+
+def _stats(runs: list[dict]) -> tuple[float, float, int]:
+    values = [r["val_loss"] for r in runs if _finite(r["val_loss"])]
+    if len(values) < len(runs) or not values:
+        return math.inf, 0.0, len(runs)
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
 
 
 def verdicts(final: list[dict]) -> list[str]:
-    """Plain sentences comparing each SoKA variant's validation loss with LoRA's and PiSSA's at its budget, and
-    the gradient-calibrated variants with weight-based SoKA."""
+    """Each SoKA variant's validation loss against the best non-SoKA method at its tier: "wins" or "loses"
+    only where the difference of the means exceeds twice the larger standard deviation over seeds, "within
+    noise" otherwise, and no verdict from a single seed."""
     groups = _groups(final)
     out = []
     for name, runs in sorted(groups.items()):
         if not name.startswith("soka"):
             continue
-        rank = _budget_rank(name)
-        soka = statistics.mean(r["val_loss"] for r in runs)
-        peers = ["lora", "pissa"] + (["soka"] if name.startswith("soka-grad") else [])
-        for peer in peers:
-            ref_runs = groups.get(f"{peer}-r{rank}")
-            if not ref_runs or not _finite(soka):
-                continue
-            ref = statistics.mean(r["val_loss"] for r in ref_runs)
-            gap = (soka - ref) / ref
-            word = "loses to" if soka > ref else "beats"
-            out.append(
-                f"- {name} ({runs[0]['trainable']:,} params) {word} {peer}-r{rank} "
-                f"({ref_runs[0]['trainable']:,} params) on validation loss: {soka:.4f} vs {ref:.4f} ({gap:+.1%})."
-            )
+        tier = tier_of(name)
+        peers = {n: _stats(r) for n, r in groups.items() if tier_of(n) == tier and not n.startswith("soka")}
+        peers = {n: s for n, s in peers.items() if "@" not in n}
+        if not peers:
+            continue
+        peer = min(peers, key=lambda n: peers[n][0])
+        (mean, std, n), (ref, ref_std, ref_n) = _stats(runs), peers[peer]
+        if not (_finite(mean) and _finite(ref)):
+            word = "diverged against" if not _finite(mean) else "wins against (the peer diverged)"
+        elif min(n, ref_n) < 2:
+            word = "has one seed, no verdict, against"
+        elif abs(mean - ref) > 2 * max(std, ref_std):
+            word = "wins against" if mean < ref else "loses to"
+        else:
+            word = "is within noise of"
+        gap = f" ({(mean - ref) / ref:+.1%})" if _finite(mean) and _finite(ref) else ""
+        out.append(
+            f"- {name} ({runs[0]['trainable']:,} params) {word} the best peer {peer} "
+            f"({groups[peer][0]['trainable']:,} params) on validation loss: {_mean_std([r['val_loss'] for r in runs])} "
+            f"vs {_mean_std([r['val_loss'] for r in groups[peer]])}{gap}, {min(n, ref_n)} seed(s)."
+        )
     return out
 
 
 def plot(final: list[dict], out: Path, prefix: str) -> list[Path]:
     groups = _groups(final)
-    budgets = sorted({r["config"]["lora_rank"] for r in final})
+    tiers = sorted({tier_of(name) for name in groups}, key=lambda t: (t != "kron", len(t), t))
     paths = []
     for key, ylabel in (("losses", "training loss"), ("grad_norms", "gradient norm")):
-        fig, axes = plt.subplots(1, len(budgets), figsize=(6 * len(budgets), 4), squeeze=False)
-        for ax, rank in zip(axes[0], budgets, strict=True):
+        fig, axes = plt.subplots(1, len(tiers), figsize=(6 * len(tiers), 4), squeeze=False)
+        for ax, tier in zip(axes[0], tiers, strict=True):
             for name, runs in sorted(groups.items()):
-                if runs[0]["config"]["lora_rank"] != rank:
+                if tier_of(name) != tier:
                     continue
-                for i, r in enumerate(runs):
-                    ys = r[key]
-                    k = 5
-                    smooth = [statistics.mean(ys[max(0, j - k + 1) : j + 1]) for j in range(len(ys))]
-                    ax.plot(smooth, label=name if i == 0 else None, alpha=0.9 if i == 0 else 0.5)
-            ax.set_title(f"budget: LoRA r={rank}")
+                k = 5  # moving mean of 5 steps, then mean ± std over seeds as a band
+                curves = [
+                    [statistics.mean(r[key][max(0, j - k + 1) : j + 1]) for j in range(len(r[key]))]
+                    for r in runs
+                ]
+                width = min(len(c) for c in curves)
+                mean = [statistics.mean(c[j] for c in curves) for j in range(width)]
+                (line,) = ax.plot(mean, label=f"{name} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
+                if len(curves) > 1:
+                    std = [statistics.stdev(c[j] for c in curves) for j in range(width)]
+                    ax.fill_between(
+                        range(width), [m - s for m, s in zip(mean, std, strict=True)], [m + s for m, s in zip(mean, std, strict=True)],
+                        color=line.get_color(), alpha=0.2, linewidth=0,
+                    )  # fmt: skip
+            ax.set_title(f"budget tier: {tier}")
             ax.set_xlabel("step")
-            ax.set_ylabel(f"{ylabel} (moving mean of 5)")
+            ax.set_ylabel(f"{ylabel} (moving mean of 5; band: ± std over seeds)")
             ax.legend(fontsize=7)
         fig.tight_layout()
         path = out / f"{prefix}-{key.replace('_', '-')}.png"
@@ -142,14 +170,14 @@ def plot(final: list[dict], out: Path, prefix: str) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    methods = sorted({name.split("-r")[0] for name in groups})
+    methods = sorted({method_of(name) for name in groups})
     colors = plt.get_cmap("tab10")
     for name, runs in sorted(groups.items()):
         x = runs[0]["trainable"]
-        method = name.split("-r")[0]
-        style = dict(  # one colour per method, one marker per budget (hollow: SoKA's 0.75× budget)
+        method = method_of(name)
+        style = dict(  # one colour per method, one marker per tier (hollow: SoKA's 0.75× budget)
             color=colors(methods.index(method) % 10),
-            marker="o" if runs[0]["config"]["lora_rank"] == min(budgets) else "s",
+            marker="os^Dv"[tiers.index(tier_of(name)) % 5],
             facecolors="none" if "@" in name else None,
             label=name,
         )
@@ -181,33 +209,46 @@ def machine() -> str:
 
 
 def write_report(
-    grid: list[dict], final: list[dict], best: dict[str, float], size: Any, out: Path, command: str,
-    docs: Path | None = None,
+    grids: dict[str, list[dict]], final: list[dict], best: dict[str, dict[str, float]], size: Any, out: Path,
+    command: str, docs: Path | None = None,
 ) -> Path:  # fmt: skip
+    """``report.md`` in ``out`` (and, with ``docs``, its section of ``docs/benchmarks.md``): the setup, a
+    learning-rate grid per tier, the final runs, the verdicts and the plots."""
     prefix = f"compare-{out.name.removeprefix('compare-')}"
     img_dir = docs / "img" if docs else out
     img_dir.mkdir(parents=True, exist_ok=True)
-    images = plot(final, img_dir, prefix)
+    images = plot(final, img_dir, prefix) if final else []
     rel = (lambda p: f"img/{p.name}") if docs else (lambda p: p.name)
+    parallel = (
+        f" {size.jobs} runs at a time, {size.threads or 'default'} thread(s) each." if size.jobs > 1 else ""
+    )
+    grid_sections = []
+    for tier, grid in grids.items():
+        grid_sections += [
+            f"Learning-rate grid at tier {tier} (validation loss, seed {size.seeds[0]}; chosen rate in bold):",
+            "",
+            grid_table(grid, best[tier]),
+            "",
+        ]
+    missing = [t for t in size.final_tiers if not any(tier_of(r["name"]) == t for r in final)]
     body = "\n".join(
         [
             f"Command: `{command}`. Machine: {machine()}. Date: {date.today().isoformat()}.",
             f"Setup: {size.steps} steps, batch {size.batch_size}, max length {size.max_len} tokens, "
             f"{size.n_train} GSM8K training rows in a fixed order, validation on {size.n_val} held-out rows, "
             f"accuracy on the first {size.n_test} GSM8K test problems (greedy, {size.max_new_tokens} new tokens), "
-            f"seeds {list(size.seeds)}. AdamW, weight decay 0, warm-up 10 % then linear decay, clip 1.0.",
+            f"seeds {list(size.seeds)}. AdamW, weight decay 0, warm-up 10 % then linear decay, clip 1.0."
+            + parallel,
             "",
-            f"Learning-rate grid at LoRA r={size.grid_rank}'s budget (validation loss; chosen rate in bold):",
-            "",
-            grid_table(grid, best),
-            "",
+            *grid_sections,
             "Final runs:",
             "",
             final_table(final),
             "",
-            "Where SoKA stands:",
+            "Where SoKA stands (a verdict needs the difference of the means to exceed twice the larger std):",
             "",
             *verdicts(final),
+            *(["", f"Not yet run: tiers {', '.join(missing)}."] if missing else []),
             "",
             *[f"![{p.stem}]({rel(p)})" for p in images],
         ]

@@ -23,7 +23,7 @@ from axolotl_soka.eval.generate import hf_generate
 from axolotl_soka.eval.scoring import score
 from axolotl_soka.prompts import build_prompt, build_target
 
-from .methods import CALIBRATED, CALIBRATION_BATCHES, MethodSpec, build, lora_budget, make_config, trainable
+from .methods import CALIBRATED, CALIBRATION_BATCHES, MethodSpec, build, make_config, tier_budget, trainable
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "data" / "gsm8k"
@@ -53,10 +53,12 @@ class RunConfig(TrainSettings):
     fraction: float
     lr: float
     seed: int
+    tier: str = "lora"  # "lora": LoRA's count at lora_rank; "kron": one Kronecker term per module
+    threads: int = 0  # torch threads of the run (0: torch's default); not part of the key
 
     @property
     def spec(self) -> MethodSpec:
-        return MethodSpec(self.method, self.lora_rank, self.fraction)
+        return MethodSpec(self.method, self.lora_rank, self.fraction, self.tier)
 
     @property
     def key(self) -> str:
@@ -118,12 +120,14 @@ def validation_loss(model: Any, pairs: list, pad_id: int, batch_size: int, devic
 def run(cfg: RunConfig) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model_dir = REPO / cfg.model_dir  # a relative folder is taken from the repository root
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
-    budget = int(round(lora_budget(model, cfg.lora_rank) * cfg.fraction))
+    budget = tier_budget(model, cfg.spec)
     config = make_config(model, cfg.spec, cfg.seed)
     rows = read_jsonl(DATA / "train.jsonl")
     train = [encode(tokenizer, r, cfg.max_len) for r in rows[: cfg.n_train]]
@@ -186,6 +190,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "seconds_per_step": sum(step_seconds[1:]) / max(1, len(step_seconds) - 1),
         "peak_mib": peak_mib,
         "device": str(device),
+        "threads": torch.get_num_threads(),
         "losses": losses,
         "grad_norms": grad_norms,
         "grad_norm_mean": float(norms.mean()),
