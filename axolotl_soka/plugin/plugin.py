@@ -105,6 +105,29 @@ def check_ranks_agree(rank_pattern: dict[str, int]) -> None:
         )
 
 
+LM_EVAL_PLUGIN = "axolotl.integrations.lm_eval.LMEvalPlugin"
+
+
+def check_lm_eval_plugin(cfg: dict) -> None:
+    """Refuse Axolotl's lm_eval plugin on a SoKA run unless ``lm_eval_model`` names what to evaluate.
+
+    After training it runs ``lm_eval --model hf --model_args pretrained=<output_dir>``: no ``peft=`` and no
+    ``import axolotl_soka`` in that process, while a SoKA ``output_dir`` holds only the adapter, so it would
+    fail once the whole training is done. ``lm_eval_post_train: false`` or no ``lm_eval_tasks`` runs nothing.
+    """
+    if LM_EVAL_PLUGIN not in (cfg.get("plugins") or []):
+        return
+    if cfg.get("lm_eval_post_train") is False or not cfg.get("lm_eval_tasks") or cfg.get("lm_eval_model"):
+        return
+    raise ValueError(
+        f"plugins: {LM_EVAL_PLUGIN} with adapter: soka would run lm_eval on output_dir "
+        f"({cfg.get('output_dir')!r}) as a full model after training, but a SoKA run saves only the adapter "
+        "there, and lm_eval's process does not import axolotl_soka. Either set lm_eval_post_train: false and, "
+        "after training, merge (python -m axolotl.cli.merge_lora CONFIG.yml) and run lm_eval --model hf "
+        "--model_args pretrained=OUTPUT_DIR/merged; or set lm_eval_model to a merged model folder"
+    )
+
+
 def clear_stale_deepspeed_env() -> None:
     """Remove ``DEEPSPEED_ENV`` from the environment, for a merge that runs without DeepSpeed.
 
@@ -143,6 +166,7 @@ class SokaPlugin(BasePlugin):
                 "their gradients are always fp32 (cast to the compute dtype only inside the forward); remove "
                 "lora_fp32_gradients from the config"
             )
+        check_lm_eval_plugin(cfg)
         if cfg.get("merge_lora") and not cfg.get("deepspeed"):
             clear_stale_deepspeed_env()
 
