@@ -44,8 +44,9 @@ def single_threaded(device: torch.device) -> Iterator[None]:
     """Run CPU work on one thread, then restore the thread count.
 
     The randomized SVD works on skinny ``(rows, K + oversample)`` matrices. On a CPU shared with other work,
-    multi-threaded LAPACK QR/SVD on such shapes was measured 100-300× slower than on one thread (threads waiting
-    on a busy core), while two threads on an idle machine gain at most 2×.
+    multi-threaded LAPACK QR/SVD on such shapes runs far slower than on one thread (threads wait on a busy
+    core; measured in docs/benchmarks.md, "KPSVD initialisation time per matrix"), while two threads on an
+    idle machine gain at most 2×.
     """
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1:
