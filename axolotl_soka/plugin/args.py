@@ -1,15 +1,19 @@
 """YAML keys of the SoKA plugin (``soka_*``), merged into Axolotl's config schema.
 
-Every key maps onto a field of :class:`axolotl_soka.SokaConfig`; the rules live there and are reused here: a
+The keys are generated from :class:`axolotl_soka.SokaConfig`'s fields (``soka_<field>``: type, default and help
+from the dataclass), plus the few plugin-only keys defined here; ``docs/plugin.md``'s key table is rendered from
+the same list (``axolotl_soka.plugin.keys_doc``). The rules live in ``SokaConfig`` and are reused: a
 ``model_validator`` builds a ``SokaConfig`` from the keys and re-raises its ``ValueError`` under the ``soka_*``
 key name, so a bad value fails at config validation, before any model is loaded.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import re
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -17,39 +21,141 @@ from ..prompts import TASKS
 from .extras import missing_extra
 
 try:
-    from pydantic import BaseModel, Field, model_validator
+    from pydantic import BaseModel, Field, create_model, model_validator
 except ImportError as exc:  # pydantic comes with axolotl, not with the core package
     raise missing_extra(exc, "pydantic") from exc
 
-ADAPTER_NAME = "soka"
+from peft.config import PeftConfig
 
-# YAML key -> SokaConfig field
-KEY_TO_FIELD: dict[str, str] = {
-    "soka_energy_threshold": "energy_threshold",
-    "soka_elbow_mode": "elbow_mode",
-    "soka_rank_combine": "rank_combine",
-    "soka_min_rank": "min_rank",
-    "soka_max_rank": "max_rank",
-    "soka_search_window": "search_window",
-    "soka_alpha": "alpha",
-    "soka_init": "init",
-    "soka_svd": "svd",
-    "soka_svd_niter": "svd_niter",
-    "soka_svd_oversample": "svd_oversample",
-    "soka_seed": "seed",
-    "soka_sigma_mode": "sigma_mode",
-    "soka_factor_shape": "factor_shape",
-    "soka_dropout": "dropout",
-    "soka_chunk_tokens": "chunk_tokens",
-    "soka_forward_mode": "forward_mode",
-    "soka_rank_pattern": "rank_pattern",
-    "soka_shape_pattern": "shape_pattern",
-    "soka_exclude_modules": "exclude_modules",
-    "soka_param_budget": "param_budget",
-    "soka_init_source": "init_source",
+from ..tuner.config import SokaConfig
+
+ADAPTER_NAME = "soka"
+PREFIX = "soka_"  # of every YAML key the plugin defines
+
+# SokaConfig fields that are not YAML keys: Axolotl's own keys set them, or saving does. Every other field of
+# SokaConfig (not of PeftConfig) is the key soka_<field>.
+NOT_KEYS: dict[str, str] = {
+    "layers_to_transform": "peft_layers_to_transform",
+    "layers_pattern": "peft_layers_pattern",
+    "modules_to_save": "lora_modules_to_save",
+    "resolved": "written on save",
 }
+# Keys the plugin resolves itself (with Axolotl's lora_target_modules) instead of passing them on as written
+RESOLVED_BY_PLUGIN = ("soka_target_modules",)
 # SoKA key -> Axolotl key whose value (as written in the config) it takes when unset
 AXOLOTL_FALLBACK: dict[str, str] = {"soka_seed": "seed"}
+# What the plugin adds to a generated key: a default of its own, and a note after the field's help
+YAML_DEFAULTS: dict[str, str] = {
+    "soka_target_modules": "`lora_target_modules` when set (and `lora_target_linear` is not), else every "
+    "linear layer of the decoder except `lm_head`",
+    "soka_seed": "the config's `seed` when set, else `0`",
+}
+YAML_NOTES: dict[str, str] = {
+    "soka_init_source": "The plugin calibrates on `soka_calibration_batches` training batches.",
+    "soka_seed": "An explicit `soka_seed` wins over `seed`; Axolotl's own default for an unset `seed` (42) "
+    "does not count.",
+    "soka_forward_mode": "`dense` applies to plain `nn.Linear` layers without module hooks and without active "
+    "dropout, so under DeepSpeed ZeRO-3 the layers stay factored.",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class KeySpec:
+    """One YAML key: what the pydantic field and the docs table are built from."""
+
+    key: str
+    annotation: Any
+    default: Any
+    help: str
+    default_text: str | None = None  # words for a default its value does not say
+    field: str | None = None  # the SokaConfig field, None for a plugin-only key
+
+
+PLUGIN_KEYS: list[KeySpec] = [
+    KeySpec(
+        "soka_calibration_batches",
+        int,
+        8,
+        "Training batches (`micro_batch_size` rows each, all processes together, rounded down to a multiple "
+        "of the process count, at least one per process) whose loss gradient calibrates the spectra with "
+        "`soka_init_source: gradient` (≥ 1).",
+    ),
+    KeySpec(
+        "soka_report",
+        bool,
+        True,
+        "Print the rank report and write `soka_rank_report.json` / `.png` to `output_dir` after init.",
+    ),
+    KeySpec(
+        "soka_eval_task",
+        str | None,
+        None,
+        f"{', '.join(f'`{t}`' for t in TASKS)}: during training, greedy-generate on held-out problems and log "
+        "`eval_<task>_accuracy` at every evaluation and at the end. Single device or DDP only (not ZeRO-3 / "
+        "FSDP).",
+    ),
+    KeySpec(
+        "soka_eval_data",
+        str | None,
+        None,
+        "Held-out records for `soka_eval_task`: a .jsonl/.json file or a Hub dataset name.",
+        "the shipped test set (MBPP: validation tasks 511-600)",
+    ),
+    KeySpec("soka_eval_samples", int | None, None, "Problems scored per evaluation (≥ 1).", "`32`"),
+    KeySpec(
+        "soka_eval_steps",
+        int | None,
+        None,
+        "Also evaluate every this many optimizer steps (≥ 1).",
+        "only at evaluations",
+    ),
+    KeySpec("soka_eval_max_new_tokens", int | None, None, "Generation budget per problem (≥ 1).", "`256`"),
+]
+POSITIVE_INT_KEYS = (
+    "soka_eval_samples",
+    "soka_eval_steps",
+    "soka_eval_max_new_tokens",
+    "soka_calibration_batches",
+)
+
+
+def config_keys(config_cls: type = SokaConfig) -> list[KeySpec]:
+    """The YAML keys generated from ``config_cls``'s own dataclass fields (all but ``NOT_KEYS``), in field order.
+
+    A key whose default the plugin decides (``AXOLOTL_FALLBACK``) or whose field has a ``default_factory`` is
+    ``None`` when unset, so that "not written" stays visible to the plugin.
+    """
+    hints = typing.get_type_hints(config_cls)
+    peft_fields = {f.name for f in dataclasses.fields(PeftConfig)}
+    own = [f for f in dataclasses.fields(config_cls) if f.name not in peft_fields and f.name not in NOT_KEYS]
+    names = {f.name: PREFIX + f.name for f in own}
+
+    def yaml_text(text: str) -> str:
+        # a field name in backticks is shown under its YAML key
+        return re.sub(r"`(\w+)`", lambda m: f"`{names.get(m.group(1), m.group(1))}`", text)
+
+    specs = []
+    for f in own:
+        key = names[f.name]
+        annotation = hints[f.name]
+        default = None if key in AXOLOTL_FALLBACK or f.default is dataclasses.MISSING else f.default
+        if default is None and type(None) not in typing.get_args(annotation):
+            annotation = annotation | None
+        text = yaml_text(f.metadata.get("help", ""))
+        if key in YAML_NOTES:
+            text = f"{text} {YAML_NOTES[key]}"
+        default_text = YAML_DEFAULTS.get(key) or (
+            yaml_text(f.metadata["default"]) if "default" in f.metadata else None
+        )
+        specs.append(KeySpec(key, annotation, default, text, default_text, f.name))
+    return specs
+
+
+KEYS: list[KeySpec] = [*config_keys(), *PLUGIN_KEYS]
+# YAML key -> SokaConfig field, for the keys passed on to SokaConfig as written
+KEY_TO_FIELD: dict[str, str] = {
+    spec.key: spec.field for spec in KEYS if spec.field is not None and spec.key not in RESOLVED_BY_PLUGIN
+}
 FIELD_TO_KEY = {field: key for key, field in KEY_TO_FIELD.items()}
 _FIELD_RE = re.compile(
     r"(?<![\w.\-])(" + "|".join(sorted(FIELD_TO_KEY, key=len, reverse=True)) + r")(?![\w\-])"
@@ -61,9 +167,7 @@ def rename_fields(message: str) -> str:
     return _FIELD_RE.sub(lambda m: FIELD_TO_KEY[m.group(1)], message)
 
 
-def _core_config(kwargs: dict[str, Any]) -> Any:
-    from ..tuner.config import SokaConfig
-
+def _core_config(kwargs: dict[str, Any]) -> SokaConfig:
     return SokaConfig(**kwargs)
 
 
@@ -101,12 +205,7 @@ def check_soka_keys(data: dict[str, Any]) -> None:
         # checked here, before the model loads, not at the first evaluation hours into training
         if problem := isolation_error(BWRAP):
             raise ValueError(f"soka_eval_task='mbpp' runs generated programs: {problem}")
-    for key in (
-        "soka_eval_samples",
-        "soka_eval_steps",
-        "soka_eval_max_new_tokens",
-        "soka_calibration_batches",
-    ):
+    for key in POSITIVE_INT_KEYS:
         value = data.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise ValueError(f"{key}={value!r} is invalid: allowed: a positive integer")
@@ -175,120 +274,8 @@ def check_axolotl_keys(data: dict[str, Any]) -> None:
         )
 
 
-class SokaArgs(BaseModel):
-    """Input arguments of the SoKA plugin (active with ``adapter: soka``)."""
-
-    soka_target_modules: list[str] | str | None = Field(
-        default=None,
-        description="Linear modules to adapt: names ([q_proj, v_proj]) or one regex. Default: "
-        "lora_target_modules when set, else every linear layer of the decoder (not lm_head).",
-    )
-    soka_exclude_modules: list[str] | str | None = Field(
-        default=None, description="Module names or a regex to leave unadapted."
-    )
-    soka_energy_threshold: float = Field(
-        default=0.9,
-        description="τ in (0, 1]: the energy criterion keeps the fewest Kronecker terms holding this share "
-        "of ‖W‖_F².",
-    )
-    soka_elbow_mode: str = Field(
-        default="kneedle", description="Elbow criterion on the KPSVD spectrum: kneedle, curvature or none."
-    )
-    soka_rank_combine: str = Field(
-        default="min", description="How energy and elbow ranks combine: min, max, energy or elbow."
-    )
-    soka_min_rank: int = Field(
-        default=1, description="Fewest terms per module (0 lets a module stay unadapted)."
-    )
-    soka_max_rank: int = Field(default=8, description="Most terms per module (at least 1).")
-    soka_search_window: int = Field(
-        default=64, description="Head K of the spectrum computed and searched for the elbow (at least 3)."
-    )
-    soka_alpha: float = Field(
-        default=1.0, description="Scale of the update ΔW = alpha·Σ A_k ⊗ B_k (non-zero)."
-    )
-    soka_init: str = Field(
-        default="kpsvd",
-        description="kpsvd: principal Kronecker components of W, base becomes the residual; gradient: principal "
-        "components of the calibrated training-loss gradient, scaled by W's Kronecker singular values, base becomes "
-        "the residual; zero: ΔW starts at 0.",
-    )
-    soka_init_source: str | None = Field(
-        default=None,
-        description="Spectrum that chooses ranks, budget shares and auto shapes: weight or gradient (the "
-        "training-loss gradient over soka_calibration_batches batches). Default: gradient with soka_init: "
-        "gradient, else weight.",
-    )
-    soka_calibration_batches: int = Field(
-        default=8,
-        description="Training batches (of micro_batch_size rows, all processes together) whose loss gradient "
-        "calibrates the spectra with soka_init_source: gradient (>= 1).",
-    )
-    soka_svd: str = Field(default="lowrank", description="full SVD or lowrank (seeded randomized SVD).")
-    soka_svd_niter: int = Field(default=8, description="Power iterations of the randomized SVD (>= 0).")
-    soka_svd_oversample: int = Field(default=10, description="Extra columns of the randomized SVD (>= 0).")
-    soka_seed: int | None = Field(
-        default=None,
-        description="Seed of the randomized SVD and of zero-init factors (>= 0). Default: the config's seed "
-        "when set, else 0.",
-    )
-    soka_sigma_mode: str = Field(
-        default="separate",
-        description="separate: unit-norm factors and a trainable σ per term; sqrt: √σ folded into A and B.",
-    )
-    soka_factor_shape: str | list[int] = Field(
-        default="balanced",
-        description="Factor shape: balanced (fewest parameters per term), lora ((out,1,1,in): rank-1 terms), "
-        "auto (per module, the shape capturing the most energy of the selection spectrum's matrix for the "
-        "module's share of soka_param_budget), or [m, n, p, q] with m·p = out and n·q = in.",
-    )
-    soka_dropout: float = Field(default=0.0, description="Dropout on the adapter input, in [0, 1).")
-    soka_chunk_tokens: int | None = Field(
-        default=None,
-        description="Tokens per chunk of the factored product (unset: a cache-sized chunk on a CPU, a 256 MiB "
-        "intermediate on a GPU). Smaller chunks lower the transient memory, not the saved activations.",
-    )
-    soka_forward_mode: str = Field(
-        default="factored",
-        description="factored: ΔW is never formed; dense: for calls with enough tokens (training batches), the "
-        "layer runs as one GEMM on W + ΔW formed transiently, factor gradients factored. dense is faster, costs "
-        "one weight-sized temporary per layer call, and applies without dropout and without module hooks "
-        "(not under DeepSpeed ZeRO-3, which keeps factored).",
-    )
-    soka_rank_pattern: dict[str, int] | None = Field(
-        default=None, description="Fixed term counts per module name or regex (skips rank selection there)."
-    )
-    soka_shape_pattern: dict[str, str | list[int]] | None = Field(
-        default=None, description="Factor shapes per module name or regex (overrides soka_factor_shape)."
-    )
-    soka_param_budget: int | str | None = Field(
-        default=None,
-        description="Total trainable parameters (e.g. 990000 or '0.99M') shared among modules by captured energy "
-        "per parameter; each module's own choice and soka_max_rank act as caps.",
-    )
-    soka_report: bool = Field(
-        default=True,
-        description="Print the rank report and write soka_rank_report.json/.png to output_dir after init.",
-    )
-    soka_eval_task: str | None = Field(
-        default=None,
-        description="gsm8k, math or mbpp: greedy-generate on held-out problems and log eval_<task>_accuracy at "
-        "each evaluation and at the end of training (single device or DDP; not ZeRO-3/FSDP).",
-    )
-    soka_eval_data: str | None = Field(
-        default=None,
-        description="Held-out records for soka_eval_task: a .jsonl/.json file or a Hub dataset name. Default: "
-        "the shipped test set (MBPP: its validation tasks 511-600).",
-    )
-    soka_eval_samples: int | None = Field(
-        default=None, description="Problems scored per evaluation with soka_eval_task (default 32)."
-    )
-    soka_eval_steps: int | None = Field(
-        default=None, description="Also score every this many optimizer steps (default: only at evaluations)."
-    )
-    soka_eval_max_new_tokens: int | None = Field(
-        default=None, description="Generation budget per problem for soka_eval_task (default 256)."
-    )
+class _SokaValidation(BaseModel):
+    """The checks of the ``soka_*`` keys; the keys themselves are added by ``create_model`` below."""
 
     @model_validator(mode="before")
     @classmethod
@@ -302,7 +289,20 @@ class SokaArgs(BaseModel):
         return data
 
 
-PREFIX = "soka_"  # of every YAML key the plugin defines
+def _pydantic_field(spec: KeySpec) -> tuple[Any, Any]:
+    description = spec.help + (f" Default: {spec.default_text}." if spec.default_text else "")
+    return spec.annotation, Field(default=spec.default, description=description)
+
+
+# Axolotl imports this class by name (get_input_args) and merges it into its config model as a base class.
+SokaArgs = create_model(
+    "SokaArgs",
+    __base__=_SokaValidation,
+    __module__=__name__,
+    __doc__="Input arguments of the SoKA plugin (active with ``adapter: soka``).",
+    **{spec.key: _pydantic_field(spec) for spec in KEYS},
+)
+
 
 # LoRA keys that ``adapter: soka`` would silently ignore -> the SoKA key(s) to use instead. The LoRA keys the
 # plugin honours (lora_target_modules, lora_target_linear, lora_modules_to_save, lora_model_dir) stay allowed.

@@ -48,14 +48,18 @@ class SokaConfig(PeftConfig):
     with ``resolved=True``, so loading never selects or decomposes again.
     """
 
+    # ``help`` (and ``default``, words for a default its value does not say) also describe the plugin's
+    # ``soka_*`` YAML keys, which are generated from these fields: a field name in backticks is shown there
+    # under its YAML key.
     target_modules: list[str] | str | None = field(
         default=None,
         metadata={
-            "help": "Module names or a regex to adapt; None means every linear layer except the output head."
+            "help": "The `nn.Linear` modules to adapt: names, e.g. [q_proj, k_proj, v_proj, o_proj], or one regex.",
+            "default": "every linear layer except the output head",
         },
     )
     exclude_modules: list[str] | str | None = field(
-        default=None, metadata={"help": "Module names or regex to skip."}
+        default=None, metadata={"help": "Module names or a regex to leave unadapted."}
     )
     layers_to_transform: list[int] | int | None = field(
         default=None, metadata={"help": "Layer indices to adapt."}
@@ -65,59 +69,87 @@ class SokaConfig(PeftConfig):
         default=None, metadata={"help": "Extra modules trained in full."}
     )
     energy_threshold: float = field(
-        default=0.9, metadata={"help": "τ in (0, 1]: keep the fewest terms holding this share of ‖W‖_F²."}
+        default=0.9,
+        metadata={
+            "help": "Energy criterion τ in (0, 1]: the fewest Kronecker terms whose σ² hold this share of ‖W‖²_F."
+        },
     )
     elbow_mode: str = field(
-        default="kneedle", metadata={"help": "Elbow criterion: kneedle, curvature or none."}
+        default="kneedle",
+        metadata={
+            "help": "Elbow criterion on the head of the KPSVD spectrum: `kneedle`, `curvature` or `none`."
+        },
     )
     rank_combine: str = field(
-        default="min", metadata={"help": "How energy and elbow ranks combine: min, max, energy or elbow."}
+        default="min",
+        metadata={
+            "help": "How the energy and elbow ranks combine: `min`, `max`, `energy` or `elbow` (`elbow` needs "
+            "`elbow_mode` other than `none`)."
+        },
     )
     min_rank: int = field(
-        default=1, metadata={"help": "Fewest terms per module; 0 lets a module stay unadapted."}
+        default=1, metadata={"help": "Fewest terms per module (≥ 0; 0 lets a module stay unadapted)."}
     )
-    max_rank: int = field(default=8, metadata={"help": "Most terms per module."})
-    search_window: int = field(default=64, metadata={"help": "Spectrum head K searched for the elbow."})
+    max_rank: int = field(default=8, metadata={"help": "Most terms per module (≥ 1 and ≥ `min_rank`)."})
+    search_window: int = field(
+        default=64,
+        metadata={"help": "Number of leading singular values computed and searched for the elbow (≥ 3)."},
+    )
     init: str = field(
         default="kpsvd",
         metadata={
-            "help": "kpsvd (principal Kronecker components of W, residual base), gradient (principal components "
-            "of the calibrated gradient, scaled by W's Kronecker singular values, residual base) or zero."
+            "help": "`kpsvd`: the factors start as the top Kronecker components of W and the frozen base keeps "
+            "the residual, so the model is unchanged at step 0. `gradient`: the factors start as the top "
+            "Kronecker components of the calibrated training-loss gradient, scaled by W's own Kronecker singular "
+            "values, and the base keeps the residual (unchanged at step 0 too). `zero`: ΔW starts at 0, base "
+            "untouched."
         },
     )
     init_source: str | None = field(
         default=None,
         metadata={
-            "help": "Spectrum that chooses ranks, budget shares and auto shapes: weight (KPSVD of W) or gradient "
-            "(KPSVD of the training-loss gradient summed over calibration batches; run "
-            "axolotl_soka.calibrate_gradients first). Default: gradient when init is gradient, else weight."
+            "help": "Whose Kronecker spectrum chooses ranks, budget shares and `auto` shapes: `weight` (W's) or "
+            "`gradient` (the training-loss gradient's, summed over calibration batches by "
+            "`calibrate_gradients` before the adapter is built).",
+            "default": "`gradient` when `init` is `gradient`, else `weight`",
         },
     )
-    svd: str = field(default="lowrank", metadata={"help": "full or lowrank (seeded randomized SVD)."})
-    svd_niter: int = field(default=8, metadata={"help": "Power iterations of the randomized SVD."})
-    svd_oversample: int = field(default=10, metadata={"help": "Extra columns of the randomized SVD."})
-    seed: int = field(default=0, metadata={"help": "Seed of the randomized SVD and of zero-init factors."})
+    svd: str = field(
+        default="lowrank",
+        metadata={
+            "help": "`full` (exact SVD) or `lowrank` (seeded randomized SVD) of the rearranged weight."
+        },
+    )
+    svd_niter: int = field(default=8, metadata={"help": "Power iterations of the randomized SVD (≥ 0)."})
+    svd_oversample: int = field(default=10, metadata={"help": "Extra columns of the randomized SVD (≥ 0)."})
+    seed: int = field(
+        default=0, metadata={"help": "Seed of the randomized SVD and of `zero` init factors (≥ 0)."}
+    )
     sigma_mode: str = field(
         default="separate",
         metadata={
-            "help": "separate: unit-norm factors and a trainable σ per term; sqrt: √σ folded into both."
+            "help": "`separate`: unit-norm factors and a trainable σ per term; `sqrt`: √σ folded into A and B."
         },
     )
-    alpha: float = field(default=1.0, metadata={"help": "Scale s of the update ΔW = s·Σ A_k ⊗ B_k."})
+    alpha: float = field(
+        default=1.0, metadata={"help": "Scale of the update, ΔW = alpha · Σ_k A_k ⊗ B_k (non-zero)."}
+    )
     factor_shape: str | list[int] = field(
         default="balanced",
         metadata={
-            "help": "balanced, lora, auto (per module, the shape whose terms capture the most energy of the "
-            "selection spectrum's matrix for the module's share of the budget), or [m, n, p, q] with m·p = out "
-            "and n·q = in."
+            "help": "Factor shapes: A_k is m×n, B_k is p×q with m·p = out, n·q = in. `balanced` minimises "
+            "parameters per term (4096×4096 → (64, 64, 64, 64)); `lora` is (out, 1, 1, in), i.e. rank-1 terms; "
+            "`auto` searches, per module, the factorization whose affordable terms capture the most energy of "
+            "the selection spectrum's matrix for the module's share of `param_budget`; or [m, n, p, q]."
         },
     )
-    dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input, in [0, 1)."})
     chunk_tokens: int | None = field(
         default=None,
         metadata={
-            "help": "Tokens per chunk of the factored product (None: a cache-sized chunk on a CPU, a 256 MiB "
-            "intermediate elsewhere). Smaller chunks lower the transient memory, not the saved activations."
+            "help": "Tokens per chunk of the factored product (≥ 1). Smaller chunks lower the transient memory "
+            "of the product, not the activations kept for backward.",
+            "default": "a chunk whose intermediate is 4 MiB on a CPU (cache-sized) and 256 MiB on a GPU",
         },
     )
     forward_mode: str = field(
@@ -130,16 +162,19 @@ class SokaConfig(PeftConfig):
     )
     rank_pattern: dict[str, int] = field(
         default_factory=dict,
-        metadata={"help": "Fixed term counts per module name pattern (skips selection)."},
+        metadata={"help": "Fixed term counts (≥ 0) per module name or regex; no rank selection there."},
     )
     shape_pattern: dict[str, Any] = field(
-        default_factory=dict, metadata={"help": "Factor shapes per module name pattern."}
+        default_factory=dict,
+        metadata={
+            "help": "Factor shapes (as in `factor_shape`) per module name or regex, overriding it there."
+        },
     )
     param_budget: int | str | None = field(
         default=None,
         metadata={
-            "help": "Total trainable parameters (e.g. 990000 or '0.99M') shared among modules by captured energy "
-            "per parameter; each module's energy/elbow choice and max_rank act as its cap."
+            "help": "Total trainable parameters (e.g. 990000 or '0.99M'), shared among modules greedily by "
+            "captured energy per parameter; each module's energy/elbow choice and `max_rank` cap its share."
         },
     )
     resolved: bool = field(
