@@ -6,12 +6,14 @@ and ``PeftModel.from_pretrained(model, adapter_dir)`` work.
 
 from .tuner import (
     GradientCalibration,
+    LoraExport,
     SokaConfig,
     SokaLayer,
     SokaLinear,
     SokaModel,
     calibrate_gradients,
     export_delta_adapter,
+    export_lora,
     register,
     save_adapter,
 )
@@ -20,6 +22,7 @@ register()
 
 __all__ = [
     "GradientCalibration",
+    "LoraExport",
     "SokaConfig",
     "SokaLayer",
     "SokaLinear",
@@ -27,6 +30,7 @@ __all__ = [
     "SokaPlugin",
     "calibrate_gradients",
     "export_delta_adapter",
+    "export_lora",
     "register",
     "save_adapter",
 ]
