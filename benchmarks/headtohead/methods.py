@@ -68,11 +68,7 @@ def trainable(model: nn.Module) -> int:
 
 def lora_budget(model: nn.Module, rank: int) -> int:
     """LoRA's trainable parameters at ``rank`` on the target projections of ``model``."""
-    return sum(
-        rank * (m.in_features + m.out_features)
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS
-    )
+    return sum(rank * (m.in_features + m.out_features) for m in _targets(model))
 
 
 def _targets(model: nn.Module) -> list[nn.Linear]:
